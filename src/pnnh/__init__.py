@@ -1,0 +1,10 @@
+"""pnnh: deep networks without residual connections, by the Plain Neural Net Hypothesis.
+
+    import pnnh
+    model = pnnh.create_model("pnnh56", num_classes=10, in_chans=1)
+    pnnh.count_params(model), pnnh.find_shortcuts(model)   # about half a ResNet-56, and []
+"""
+from pnnh.models import CoderSpec, count_params, create_model, find_shortcuts, list_models, register_model
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "register_model", "count_params", "find_shortcuts", "CoderSpec"]

@@ -1,0 +1,5 @@
+import sys
+
+from pnnh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""``pnnh models [PATTERN]``: list registered models, with parameter counts."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="list registered models",
+                       description="List registered models (shell-style PATTERN) with their parameter counts.")
+    p.add_argument("pattern", nargs="?", default="*", help="e.g. 'pnnh*' (default: all)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--img-size", type=int, default=32)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pnnh.models import count_params, create_model, find_shortcuts, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}")
+        return 1
+    print(f"{'model':<18} {'params':>12}  shortcuts")
+    for name in names:
+        model = create_model(name, num_classes=args.num_classes, in_chans=args.in_chans, img_size=args.img_size)
+        print(f"{name:<18} {count_params(model):>12,}  {len(find_shortcuts(model))}")
+    return 0

@@ -1,0 +1,284 @@
+"""Layers shared by the model families: the plain layer, the residual block and the PNNH layer.
+
+The PNNH layer (PNNH.md section 2) is one plain layer split in two channel groups::
+
+    c  = K_s * h                      coder: weights shared by every layer of a stage
+    u  = W_l * h                      learner: weights of this layer only
+    h' = concat( N(c), act(N(u)) )    N = BatchNorm, act = ReLU on the learner channels
+
+It runs as ONE convolution with weight ``cat([K_s, W_l])``, one BatchNorm over all channels and a
+channel-wise activation (identity on coder channels). Nothing is added to a tensor from an
+earlier layer: the internal path lives inside the weights, ``K_s`` initialised to an identity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CODER_INITS = ("accumulate", "copy", "signed", "kaiming", "orthogonal")
+CODER_FORMS = ("partial", "looks-linear")
+SHARINGS = ("stage", "none")
+FUSIONS = ("concat", "sum")
+CODER_NORMS = ("bn", "none")
+
+
+def he_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """W ~ N(0, 2 / fan_in): the initialisation the paper's theory assumes."""
+    return nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+
+
+class ConvBNAct(nn.Sequential):
+    """The plain layer: convolution, BatchNorm, ReLU (``act=False`` drops the ReLU)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, act: bool = True):
+        layers = [
+            nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False),
+            nn.BatchNorm2d(out_ch),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+        he_normal_(self[0].weight)
+
+
+class ResidualBlock(nn.Module):
+    """``relu(F(x) + shortcut(x))`` with F a chain of conv-BN(-ReLU) layers (basic or bottleneck).
+
+    The shortcut is the identity, or a 1x1 convolution + BN where the shape changes.
+    ``zero_init_residual`` starts the last BN scale at 0 so the block is the identity at init.
+    """
+
+    def __init__(self, convs: list[tuple[int, int, int, int]], zero_init_residual: bool = False):
+        super().__init__()
+        self.branch = nn.Sequential(
+            *[ConvBNAct(i, o, k, s, act=n < len(convs) - 1) for n, (i, o, k, s) in enumerate(convs)]
+        )
+        in_ch, out_ch = convs[0][0], convs[-1][1]
+        stride = math.prod(s for *_, s in convs)
+        self.shortcut = (
+            nn.Identity() if in_ch == out_ch and stride == 1 else ConvBNAct(in_ch, out_ch, 1, stride, act=False)
+        )
+        self.act = nn.ReLU(inplace=True)
+        if zero_init_residual:
+            nn.init.zeros_(self.branch[-1][1].weight)
+
+    def forward(self, x):
+        return self.act(self.branch(x) + self.shortcut(x))
+
+    def feature_layers(self, prefix: str) -> list[tuple[str, nn.Module]]:
+        inner = [(f"{prefix}.branch.{n}", m) for n, m in enumerate(self.branch) if len(m) == 3]
+        return inner + [(prefix, self)]
+
+
+@dataclass(frozen=True)
+class CoderSpec:
+    """The PNNH design space (PNNH.md section 2); each field is a constructor argument."""
+
+    ratio: float = 0.5             # r: share of each layer's channels that are coder channels
+    sharing: str = "stage"         # stage: one K_s per stage and shape | none: a coder per layer
+    init: str = "accumulate"       # accumulate | copy | signed | kaiming | orthogonal
+    form: str = "partial"          # partial: identity on coder channels | looks-linear: (+c, -c) pairs
+    kernel: int = 3                # coder kernel size (1 or 3)
+    fusion: str = "concat"         # concat: disjoint channel groups | sum: N(c) + act(N(u))
+    norm: str = "bn"               # bn | none: BatchNorm on the coder channels or not
+    scale: float = 1.0             # a: accumulate adds a * learner channel to the code
+
+    def __post_init__(self):
+        for field, valid in (("sharing", SHARINGS), ("init", CODER_INITS), ("form", CODER_FORMS),
+                             ("fusion", FUSIONS), ("norm", CODER_NORMS)):
+            if getattr(self, field) not in valid:
+                raise ValueError(f"coder_{field}={getattr(self, field)!r} is not valid; choose one of {valid}")
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"coder_ratio={self.ratio!r} must lie strictly between 0 and 1")
+        if self.kernel not in (1, 3):
+            raise ValueError(f"coder_kernel={self.kernel!r} must be 1 or 3")
+        if self.fusion == "sum" and self.form != "partial":
+            raise ValueError("coder_fusion='sum' needs coder_form='partial'")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "CoderSpec":
+        """Pop ``coder_*`` keyword arguments (``coder_ratio=0.25`` ...) out of ``kwargs``."""
+        fields = {f: kwargs.pop(f"coder_{f}") for f in cls.__dataclass_fields__ if f"coder_{f}" in kwargs}
+        return cls(**fields)
+
+    def code_channels(self, out_ch: int) -> int:
+        """Coder output channels of a layer with ``out_ch`` channels (all of them for ``sum``)."""
+        if self.fusion == "sum":
+            return out_ch
+        m = max(1, round(self.ratio * out_ch))
+        if self.form == "looks-linear":
+            m = max(2, m - m % 2)
+        if m >= out_ch:
+            raise ValueError(f"coder_ratio={self.ratio} leaves no learner channel at width {out_ch}")
+        return m
+
+
+def code_read_matrix(spec: CoderSpec, n_code: int, in_ch: int, in_code: int) -> torch.Tensor:
+    """The linear map (n_code x in_ch) a coder applies at init, read at the kernel's centre.
+
+    The input holds ``in_code`` code channels then learner channels. In the looks-linear form
+    the input code is stored as pairs (+c, -c) and read back as relu(+c) - relu(-c) = c.
+    ``copy`` reads the code; ``accumulate`` also adds ``scale`` x learner channel j to code
+    j mod n_code (a running sum of learner outputs: a residual stream inside the weights);
+    ``signed`` adds learner j and subtracts learner j+1 so increments have zero mean.
+    """
+    R = torch.zeros(n_code, in_ch)
+    if spec.form == "looks-linear" and in_code:
+        half = in_code // 2
+        for i in range(min(n_code, half)):
+            R[i, i], R[i, half + i] = 1.0, -1.0
+    else:
+        for i in range(min(n_code, in_code)):
+            R[i, i] = 1.0
+    learners = list(range(in_code, in_ch))
+    if spec.init == "accumulate":
+        for j, ch in enumerate(learners):
+            R[j % n_code, ch] += spec.scale
+    elif spec.init == "signed" and len(learners) > 1:
+        for i in range(min(n_code, len(learners))):
+            R[i, learners[i]] += spec.scale
+            R[i, learners[(i + 1) % len(learners)]] -= spec.scale
+    return R
+
+
+class Coder(nn.Module):
+    """Coder weights K, (n_code, in_ch, k, k) or (n_code, in_ch) for ``kernel=None`` (a linear
+    coder, as in the PNNH Transformer). One instance is shared by the layers of a stage."""
+
+    def __init__(self, spec: CoderSpec, n_code: int, in_ch: int, in_code: int, kernel: int | None):
+        super().__init__()
+        shape = (n_code, in_ch) if kernel is None else (n_code, in_ch, kernel, kernel)
+        self.weight = nn.Parameter(torch.zeros(shape))
+        if spec.init in ("kaiming", "orthogonal"):
+            init = he_normal_ if spec.init == "kaiming" else nn.init.orthogonal_
+            init(self.weight)
+        else:
+            centre = (...,) if kernel is None else (..., kernel // 2, kernel // 2)
+            with torch.no_grad():
+                self.weight[centre] = code_read_matrix(spec, n_code, in_ch, in_code)
+
+
+class PartialReLU(nn.Module):
+    """ReLU on channels ``start:`` only, in place: the coder channels pass unchanged.
+
+    In place on a channel slice is the cheapest form measured (PNNH.md: no extra copy).
+    """
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.start = start
+
+    def forward(self, y):
+        y[:, self.start:].relu_()
+        return y
+
+    def extra_repr(self):
+        return f"start={self.start}"
+
+
+class PartialBatchNorm(nn.Module):
+    """BatchNorm on channels ``start:`` only; the first ``start`` channels pass unnormalised.
+
+    A channel-wise op like :class:`PartialReLU` (its concat joins disjoint channels of one
+    tensor), so shortcut detection treats it as one leaf op (``fx_leaf``).
+    """
+
+    fx_leaf = True
+
+    def __init__(self, channels: int, start: int):
+        super().__init__()
+        self.start = start
+        self.bn = nn.BatchNorm2d(channels - start)
+
+    def forward(self, y):
+        return torch.cat([y[:, : self.start], self.bn(y[:, self.start:])], dim=1)
+
+
+class SumFusion(nn.Module):
+    """``N(c) + relu(N(u))`` for the ``sum`` fusion: c, u are the two halves of one conv output."""
+
+    def forward(self, y):
+        c, u = y.chunk(2, dim=1)
+        return c + torch.relu(u)
+
+
+class PNNHConv(nn.Module):
+    """One PNNH layer: one convolution with weight ``cat([K, W])``, one norm, a partial activation.
+
+    ``coder`` is the (possibly shared) :class:`Coder`; ``weight`` is this layer's learner W.
+    Output layout: ``n_code`` coder channels (``2 n_code`` as (+c, -c) pairs in the
+    looks-linear form), then the learner channels.
+    """
+
+    def __init__(self, spec: CoderSpec, coder: Coder, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.spec, self.coder, self.stride, self.padding = spec, coder, stride, kernel // 2
+        self.coder_pad = (kernel - coder.weight.shape[-1]) // 2  # a 1x1 coder sits at the 3x3 centre
+        n_code = coder.weight.shape[0]
+        self.n_code_out = 2 * n_code if spec.form == "looks-linear" else n_code
+        learner_out = out_ch if spec.fusion == "sum" else out_ch - self.n_code_out
+        self.weight = nn.Parameter(he_normal_(torch.empty(learner_out, in_ch, kernel, kernel)))
+        norm_ch = self.n_code_out + learner_out
+        if spec.norm == "none":
+            self.norm = PartialBatchNorm(norm_ch, self.n_code_out)
+        else:
+            self.norm = nn.BatchNorm2d(norm_ch)
+        if spec.fusion == "sum":
+            self.act = SumFusion()
+        elif spec.form == "looks-linear":
+            self.act = nn.ReLU(inplace=True)
+        else:
+            self.act = PartialReLU(self.n_code_out)
+
+    def fused_weight(self) -> torch.Tensor:
+        """``cat([K, W])`` (``cat([K, -K, W])`` looks-linear), the coder padded to the learner's kernel."""
+        k = self.coder.weight
+        if self.coder_pad:
+            k = F.pad(k, (self.coder_pad,) * 4)
+        parts = [k, -k, self.weight] if self.spec.form == "looks-linear" else [k, self.weight]
+        return torch.cat(parts, dim=0)
+
+    def forward(self, h):
+        y = F.conv2d(h, self.fused_weight(), None, self.stride, self.padding)
+        return self.act(self.norm(y))
+
+    def forward_two_calls(self, h):
+        """The same layer as separate coder and learner convolutions (reference for tests)."""
+        w = self.fused_weight()
+        n = self.n_code_out
+        c = F.conv2d(h, w[:n], None, self.stride, self.padding)
+        u = F.conv2d(h, w[n:], None, self.stride, self.padding)
+        return self.act(self.norm(torch.cat([c, u], dim=1)))
+
+
+def pnnh_layers(spec: CoderSpec, stages: list[list[tuple[int, int, int, int]]]) -> list[PNNHConv]:
+    """PNNH layers for (in_ch, out_ch, kernel, stride) specs, given stage by stage.
+
+    With ``sharing='stage'`` the stride-1 layers of a stage with equal (in, out, kernel) share one
+    coder, initialised for the layout those layers produce (the first layer reads its input with
+    the same weights). Transitions (stride or width change) get a coder of their own that copies
+    the first input channels (PNNH.md: dirac onto the first channels).
+    """
+    layers = []
+    for convs in stages:
+        shared: dict[tuple, Coder] = {}
+        for in_ch, out_ch, kernel, stride in convs:
+            n_code = spec.code_channels(out_ch) // (2 if spec.form == "looks-linear" else 1)
+            ck = min(spec.kernel, kernel)
+            key = (in_ch, out_ch, kernel)
+            if stride != 1 or in_ch != out_ch:
+                init = spec.init if spec.init in ("kaiming", "orthogonal") else "copy"
+                coder = Coder(replace(spec, init=init, form="partial"), n_code, in_ch, in_ch, ck)
+            elif key in shared:
+                coder = shared[key]
+            else:
+                in_code = in_ch if spec.fusion == "sum" else min(in_ch, spec.code_channels(out_ch))
+                coder = Coder(spec, n_code, in_ch, in_code, ck)
+                if spec.sharing == "stage":
+                    shared[key] = coder
+            layers.append(PNNHConv(spec, coder, in_ch, out_ch, kernel, stride))
+    return layers
