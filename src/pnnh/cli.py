@@ -14,6 +14,7 @@ import sys
 # cannot take the others down.
 COMMAND_MODULES = (
     "pnnh.models.cli",
+    "pnnh.data.cli",
     "pnnh.train.cli",
     "pnnh.probe.cli",
     "pnnh.theory",
