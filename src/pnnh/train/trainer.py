@@ -1,0 +1,403 @@
+"""The training loop: config -> data -> model -> epochs -> metrics log and checkpoints.
+
+A run directory holds:
+
+- ``config.yaml``    the resolved config (written first; every "auto" made concrete)
+- ``metrics.jsonl``  one JSON object per epoch (accuracies are fractions in [0, 1]); with
+                     ``probe_every > 0`` also an ``{"epoch": 0, "probe": ...}`` line at init
+- ``last.pt``        the state after the latest epoch (model, optimizer, scheduler, RNG
+                     states, progress, metrics history, config)
+- ``best.pt``        the same for the best epoch, chosen by ``val_acc`` when the run has a
+                     validation split, else by ``test_acc``
+- ``result.json``    the ``TrainResult`` of the latest invocation (status "ok"/"diverged")
+
+Every file is replaced atomically, and the metrics log is rebuilt from ``last.pt`` on
+resume, so a kill at any moment leaves a run that ``resume=True`` continues exactly: the
+data order and augmentation are a pure function of (seed, epoch) and every other source of
+randomness is restored from the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pnnh.train.checkpoint import (
+    TEMP_SUFFIX,
+    append_line,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
+from pnnh.train.distributed import rank_and_world
+from pnnh.train.optim import build_optimizer, build_scheduler
+
+# Fields a resumed run may change; any other difference would splice two different runs.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "out",
+                               "data_dir", "download"})
+PROBE_BATCH = 256  # test images in the fixed probe batch
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json"})
+
+
+@dataclass
+class TrainResult:
+    """Outcome of ``train``: ``metrics`` is the last epoch's line of metrics.jsonl."""
+
+    out_dir: str
+    metrics: dict[str, Any]
+    best_acc: float | None
+    best_epoch: int
+    params: int
+    images_per_s: float
+    seconds: float
+    status: str = "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; ``result`` has status "diverged", last.pt the last good epoch."""
+
+    def __init__(self, message: str, result: TrainResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, batch: int, loss: float) -> None:
+        self.batch, self.loss = batch, loss
+
+
+@dataclass
+class _RunState:
+    """Where the run is; saved in every checkpoint so a resume continues from it."""
+
+    epoch: int = 0
+    step: int = 0
+    images: int = 0
+    seconds: float = 0.0  # training wall time, summed over epochs (evaluation excluded)
+    best_acc: float | None = None
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the model described by ``config`` and return its ``TrainResult``.
+
+    ``config`` is a ``TrainConfig``, a dict or a YAML path (see ``load_config``). Without
+    ``resume`` the output directory must be empty or absent; with it, training continues
+    after the epoch saved in ``<out>/last.pt``. ``progress`` shows a tqdm bar and one summary
+    line per epoch. Raises ``ConfigError`` for a bad config (before anything is written) and
+    ``TrainingDiverged`` when the loss becomes non-finite.
+    """
+    from pnnh.models import count_params, create_model
+    from pnnh.data import TensorLoader, load_dataset
+
+    cfg = load_config(config)
+    if resume and cfg.out is None:
+        raise ConfigError("resume needs the run directory: pass --out DIR (out: in a config)")
+    cfg = dataclasses.replace(cfg, out=cfg.out or default_out_dir(cfg.model, cfg.data))
+    out = Path(cfg.out)
+    rank, world = rank_and_world()
+    is_main = rank == 0
+    ckpt = _checkpoint_to_resume(out) if resume else _refuse_non_empty(out)
+
+    _seed_everything(cfg.seed)
+    try:
+        splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
+                              seed=cfg.seed, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                              img_size=cfg.img_size)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
+    try:
+        model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.in_chans,
+                             img_size=splits.img_size, **cfg.model_kwargs)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
+    cfg = resolve_config(cfg, model.family, splits.img_size)
+    if ckpt is not None:
+        _check_resumable(cfg, ckpt["config"], out)
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    norm = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": cfg.channels_last}
+    try:
+        train_loader = TensorLoader(splits.train_x, splits.train_y, cfg.batch_size, train=True,
+                                    crop_pad=cfg.crop_pad, hflip=splits.hflip, seed=cfg.seed, rank=rank,
+                                    world_size=world, **norm)
+    except ValueError as err:  # e.g. a batch larger than the training set
+        raise ConfigError(f"cannot batch {cfg.data!r} for training: {err}") from err
+    # Evaluation keeps no activations for backward, so it affords twice the batch. Every rank
+    # evaluates the full split (correct, merely redundant, until DDP shards and all-reduces it).
+    eval_sets = {"test": (splits.test_x, splits.test_y)}
+    if splits.val_x is not None:
+        eval_sets = {"val": (splits.val_x, splits.val_y), **eval_sets}
+    eval_loaders = {name: TensorLoader(x, y, 2 * cfg.batch_size, train=False, **norm)
+                    for name, (x, y) in eval_sets.items()}
+    select = "val_acc" if "val" in eval_loaders else "test_acc"
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
+    state = _RunState()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = _RunState(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        del ckpt
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        if resume:
+            remove_stale_temp_files(out)
+            # Lines logged after last.pt was saved (a kill between the two) are dropped.
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+
+    params = count_params(model)
+    step_model = torch.compile(model) if cfg.compile else model
+    probe_batch = None
+    if cfg.probe_every > 0:
+        probe_loader = TensorLoader(splits.test_x[:PROBE_BATCH], splits.test_y[:PROBE_BATCH], PROBE_BATCH,
+                                    train=False, **norm)
+        probe_batch = next(iter(probe_loader))
+        if state.epoch == 0 and not state.history:
+            _log(out, state, {"epoch": 0, "probe": _probe(model, probe_batch)}, is_main)
+
+    say = tqdm.write if progress and is_main else (lambda _msg: None)
+    if progress and is_main:
+        say(f"{cfg.model} ({params:,} params) on {cfg.data}: {len(splits.train_y):,} train images, "
+            f"{steps_per_epoch} steps/epoch, {cfg.device} {cfg.precision} -> {out}")
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.step >= total_steps:
+            break
+        train_loader.set_epoch(epoch)
+        try:
+            stats = _train_epoch(step_model, model, train_loader, optimizer, scheduler, cfg, device, epoch,
+                                 state, total_steps, progress and is_main)
+        except _NonFiniteLoss as err:
+            raise _diverged(err, epoch, steps_per_epoch, state, out, params, is_main) from None
+        record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
+                  "train_acc": stats["train_acc"]}
+        for name, loader in eval_loaders.items():
+            record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(step_model, loader, cfg, device)
+        record.update(lr=stats["lr"], images_per_s=stats["images_per_s"], seconds=state.seconds)
+        if probe_batch is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs
+                                        or state.step >= total_steps):
+            record["probe"] = _probe(model, probe_batch)
+        state.epoch = epoch
+        _log(out, state, record, is_main)
+        improved = state.best_acc is None or record[select] > state.best_acc
+        if improved:
+            state.best_acc, state.best_epoch = record[select], epoch
+        if is_main:
+            snapshot = _checkpoint(model, optimizer, scheduler, state, cfg)
+            if improved:  # best.pt before last.pt: a kill in between re-runs this epoch identically
+                save_checkpoint(out / "best.pt", snapshot)
+            save_checkpoint(out / "last.pt", snapshot)
+        say(_summary(record, cfg.epochs))
+
+    result = _result(out, state, params, "ok")
+    if is_main:
+        atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, cfg: TrainConfig, device: torch.device, epoch: int, state: _RunState,
+                 total_steps: int, show: bool) -> dict[str, float]:
+    """One pass over ``loader`` (stopping early at ``total_steps``); updates ``state``."""
+    step_model.train()
+    loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+               dynamic_ncols=True, disable=not show)
+    start = time.perf_counter()
+    for batch, (x, y) in enumerate(loader, start=1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = step_model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        loss_value = loss.item()  # one sync per step: catches divergence at the step it happens
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise _NonFiniteLoss(batch, loss_value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        loss_sum += loss_value * len(y)
+        correct += int((logits.argmax(dim=1) == y).sum())
+        seen += len(y)
+        bar.update()
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
+                        img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+        if state.step >= total_steps:
+            break
+    seconds = time.perf_counter() - start
+    bar.close()
+    state.seconds += seconds
+    state.images += seen
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr, "images_per_s": seen / seconds}
+
+
+@torch.no_grad()
+def _evaluate(step_model: nn.Module, loader: Any, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy over a whole split."""
+    step_model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = step_model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(y)
+    step_model.train()
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _probe(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """``pnnh.probe.probe_summary`` on the fixed batch, with no effect on training.
+
+    The probe leaves the model as it found it; the global RNG streams are forked around
+    it as well, so a run is the same with or without probes.
+    """
+    from pnnh.probe import probe_summary
+
+    x, y = batch
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return _jsonable(probe_summary(model, x, y))
+
+
+def _log(out: Path, state: _RunState, record: dict[str, Any], is_main: bool) -> None:
+    state.history.append(record)
+    if is_main:
+        append_line(out / "metrics.jsonl", json.dumps(record))
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: _RunState,
+                cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": dataclasses.asdict(state),
+        "rng": rng_state(),
+        "config": cfg.to_dict(),
+    }
+
+
+def _checkpoint_to_resume(out: Path) -> dict[str, Any] | None:
+    """last.pt of ``out``; None for a run killed before its first checkpoint (it restarts)."""
+    path = out / "last.pt"
+    if path.is_file():
+        return load_checkpoint(path)
+    if (out / "config.yaml").is_file() and all(p.name in RUN_FILES or p.name.endswith(TEMP_SUFFIX)
+                                               for p in out.iterdir()):
+        return None
+    raise ConfigError(f"cannot resume: {path} does not exist and {out} is not a pnnh run directory; "
+                      "check --out, or start a new run without --resume")
+
+
+def _refuse_non_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        entries = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
+        listing = f" (contains {', '.join(entries)}{', ...' if len(entries) == 5 else ''})" if entries else ""
+        raise ConfigError(f"output directory {out} is not empty{listing}; pass --resume to continue that run "
+                          "or choose another --out")
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], out: Path) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"cannot resume {out}: the config differs from the checkpoint's in "
+                          f"{'; '.join(changed)}. Only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume.")
+
+
+def _diverged(err: _NonFiniteLoss, epoch: int, steps_per_epoch: int, state: _RunState, out: Path,
+              params: int, is_main: bool) -> TrainingDiverged:
+    kept = (f"{out / 'last.pt'} keeps the last good state (epoch {state.epoch})" if state.epoch
+            else "no epoch finished, so there is no checkpoint")
+    message = (f"training diverged: loss = {err.loss} at epoch {epoch}, batch {err.batch}/{steps_per_epoch} "
+               f"(global step {state.step + 1}); {kept}. "
+               "Try a lower --lr, a longer --warmup-epochs or --grad-clip.")
+    result = _result(out, state, params, "diverged")
+    if is_main:
+        atomic_write_text(out / "result.json", json.dumps({**result.to_dict(), "error": message}, indent=2) + "\n")
+    return TrainingDiverged(message, result)
+
+
+def _result(out: Path, state: _RunState, params: int, status: str) -> TrainResult:
+    epochs = [r for r in state.history if "train_loss" in r]
+    return TrainResult(
+        out_dir=str(out),
+        metrics=epochs[-1] if epochs else {},
+        best_acc=state.best_acc,
+        best_epoch=state.best_epoch,
+        params=params,
+        images_per_s=state.images / state.seconds if state.seconds else 0.0,
+        seconds=state.seconds,
+        status=status,
+    )
+
+
+def _summary(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"]
+    parts += [f"{name} loss {record[f'{name}_loss']:.4f} acc {record[f'{name}_acc']:.2%}"
+              for name in ("val", "test") if f"{name}_acc" in record]
+    parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:.0f} img/s", f"{record['seconds']:.1f}s"]
+    return " | ".join(parts)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _jsonable(value: Any) -> Any:
+    """Probe output as strict JSON: tensors/arrays to lists, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
