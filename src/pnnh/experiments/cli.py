@@ -1,0 +1,122 @@
+"""``pnnh sweep``, ``pnnh report`` and ``pnnh demo``."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from pnnh.train.config import ConfigError
+
+DEMO = {  # plain, resnet and pnnh at a shallow and a deep depth, in well under 10 minutes on 2 CPU cores
+    "families": ["plain", "resnet", "pnnh"],
+    "depths": [8, 56],
+    "seeds": 1,
+    "train": {"epochs": 2, "train_subset": 10000, "test_subset": 2000, "batch_size": 128},
+}
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="train a grid of models (family x depth x seed) and report",
+                       description="Train every cell (variant x depth x seed) through the same trainer, data, "
+                                   "recipe and budget; resumable; writes the report at the end.")
+    p.add_argument("--config", metavar="FILE.yaml", help="sweep recipe (see configs/); flags override it")
+    p.add_argument("--families", type=_csv(str), help="e.g. plain,resnet,pnnh (replaces the recipe's variants)")
+    p.add_argument("--depths", type=_csv(int), help="e.g. 8,20,56,110")
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    p.add_argument("--data", help="dataset name (fashion-mnist, digits, cifar10, ...)")
+    p.add_argument("--data-dir")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--train-subset", type=int)
+    p.add_argument("--test-subset", type=int)
+    p.add_argument("--val-size", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device")
+    p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model keyword for every cell (coder_* keys reach PNNH families only), repeatable")
+    p.add_argument("--retry-failed", action="store_true", help="train again the cells recorded as failed")
+    p.set_defaults(func=run_sweep_command)
+
+    r = sub.add_parser("report", help="write report.md, results.csv/json and plots for a sweep directory")
+    r.add_argument("dir")
+    r.set_defaults(func=run_report)
+
+    d = sub.add_parser("demo", help="the README's main job: a small plain/resnet/pnnh depth sweep (<10 min)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data", default=None, help="default: fashion-mnist if installed, else digits")
+    d.set_defaults(func=run_demo)
+
+
+def run_sweep_command(args) -> int:
+    from pnnh.experiments.report import aggregate, format_console_table, write_report
+    from pnnh.experiments.sweep import load_sweep, run_sweep
+    from pnnh.train.cli import parse_set
+
+    train = {k: getattr(args, k) for k in ("data", "data_dir", "epochs", "batch_size", "train_subset",
+                                           "test_subset", "val_size", "precision", "device")
+             if getattr(args, k) is not None}
+    try:
+        spec = load_sweep(args.config, families=args.families, depths=args.depths, seeds=args.seeds,
+                          train=train, model_kwargs=parse_set(args.set))
+        command = "pnnh " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed)
+    except ConfigError as err:
+        print(f"pnnh sweep: error: {err}", file=sys.stderr)
+        return 2
+    report = write_report(args.out)
+    print(format_console_table(aggregate(records)))
+    print(f"report: {report}")
+    return 0
+
+
+def run_report(args) -> int:
+    from pnnh.experiments.report import aggregate, format_console_table, write_report
+    from pnnh.experiments.sweep import read_cells
+
+    try:
+        report = write_report(args.dir)
+    except FileNotFoundError as err:
+        print(f"pnnh report: error: {err}", file=sys.stderr)
+        return 2
+    print(format_console_table(aggregate(read_cells(args.dir))))
+    print(f"report: {report}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from pnnh.data import load_dataset
+    from pnnh.experiments.report import aggregate, format_console_table, write_report
+    from pnnh.experiments.sweep import load_sweep, run_sweep
+
+    data = args.data
+    if data is None:
+        try:
+            load_dataset("fashion-mnist")
+            data = "fashion-mnist"
+        except FileNotFoundError as err:
+            print(f"Fashion-MNIST is not available ({str(err).splitlines()[0]}); the demo uses sklearn digits.")
+            data = "digits"
+    train = {**DEMO["train"], "data": data}
+    if data == "digits":
+        train.update(train_subset=None, test_subset=None, epochs=10, img_size=16)
+    spec = load_sweep(families=DEMO["families"], depths=DEMO["depths"], seeds=DEMO["seeds"], train=train)
+    print(f"pnnh demo: {', '.join(DEMO['families'])} at depths {DEMO['depths']} on {data} -> {args.out}")
+    start = time.time()
+    records = run_sweep(spec, args.out, command=f"pnnh demo --out {args.out} --data {data}")
+    report = write_report(args.out)
+    print()
+    print(format_console_table(aggregate(records)))
+    print(f"\nreport with plots: {report}  ({time.time() - start:.0f} s)")
+    return 0

@@ -1,0 +1,201 @@
+"""``pnnh report DIR``: the table, plots and machine-readable results of a sweep.
+
+Writes ``DIR/report.md``, ``DIR/results.csv`` (one row per cell), ``DIR/results.json`` (cells
+and the aggregate rows) and PNG plots: accuracy vs depth, accuracy vs parameters, training
+throughput, and similarity to the input per layer.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from pnnh.experiments.sweep import read_cells  # noqa: E402
+from pnnh.train.checkpoint import atomic_write_text  # noqa: E402
+
+CSV_FIELDS = ("id", "variant", "family", "depth", "seed", "status", "test_acc", "best_acc", "val_acc", "params",
+              "images_per_s", "seconds", "epochs", "reason")
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One row per (variant, depth): accuracy mean and std over the seeds that finished."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["variant"], cell["depth"]), []).append(cell)
+    rows = []
+    for (variant, depth), group in groups.items():
+        done = [c for c in group if c["status"] == "ok" and c["test_acc"] is not None]
+        accs = [100 * c["test_acc"] for c in done]
+        vals = [100 * c["val_acc"] for c in done if c.get("val_acc") is not None]
+        rows.append({
+            "variant": variant, "family": group[0]["family"], "depth": depth, "seeds": len(group),
+            "finished": len(done), "failed": [f"{c['id']}: {c['status']} {c['reason']}".strip() for c in group
+                                              if c["status"] != "ok"],
+            "params": group[0]["params"] or next((c["params"] for c in group if c["params"]), None),
+            "acc_mean": statistics.fmean(accs) if accs else None,
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+            "val_mean": statistics.fmean(vals) if vals else None,
+            "images_per_s": statistics.fmean([c["images_per_s"] for c in done]) if done else None,
+        })
+    order = {v: i for i, v in enumerate(dict.fromkeys(c["variant"] for c in cells))}
+    return sorted(rows, key=lambda r: (order[r["variant"]], r["depth"]))
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The aggregate table; a validation column appears when the sweep carved a validation split."""
+    with_val = any(r["val_mean"] is not None for r in rows)
+    head = "| variant | depth | params | test accuracy (mean ± std) |" + (" val accuracy (mean) |" if with_val else "")
+    lines = [head + " seeds ok | train images/s |",
+             "|---|---:|---:|---:|" + ("---:|" if with_val else "") + "---:|---:|"]
+    for r in rows:
+        acc = f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["acc_mean"] is not None else "—"
+        val = (f" {r['val_mean']:.2f} |" if r["val_mean"] is not None else " — |") if with_val else ""
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
+        params = f"{r['params']:,}" if r["params"] else "—"
+        lines.append(f"| {r['variant']} | {r['depth']} | {params} | {acc} |{val} {r['finished']}/{r['seeds']} | {ips} |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path) -> Path:
+    """Write the report files for the sweep in ``out``; return the path of report.md."""
+    out = Path(out)
+    cells = read_cells(out)
+    if not cells:
+        raise FileNotFoundError(f"no finished cell under {out}/cells: run `pnnh sweep --out {out}` first")
+    rows = aggregate(cells)
+    manifest = yaml.safe_load((out / "sweep.yaml").read_text()) if (out / "sweep.yaml").exists() else {}
+    _write_csv(out / "results.csv", cells)
+    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
+    plots = [plot_accuracy_vs_depth(rows, out), plot_accuracy_vs_params(rows, out), plot_throughput(rows, out),
+             plot_similarity(cells, out)]
+    versions = manifest.get("versions", {})
+    train = manifest.get("train", {})
+    failed = [f for r in rows for f in r["failed"]]
+    text = [
+        "# pnnh sweep report", "",
+        f"Command: `{manifest.get('command', '?')}`", "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None), "",
+        "Training recipe (shared by every cell): " + ", ".join(f"{k}={v}" for k, v in train.items()), "",
+        "Accuracies are the last epoch's, in percent; test: mean ± sample std over seeds. Choose designs on "
+        "the validation column when there is one; the test column is for final comparisons.", "",
+        table_markdown(rows), "",
+    ]
+    if failed:
+        text += ["Cells that did not finish:", ""] + [f"- {f}" for f in failed] + [""]
+    text += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(text) + "\n")
+    return report
+
+
+def _write_csv(path: Path, cells: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(cells)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _by_variant(rows):
+    variants: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["acc_mean"] is not None:
+            variants.setdefault(r["variant"], []).append(r)
+    return variants
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_depth(rows: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, rs in _by_variant(rows).items():
+        ax.errorbar([r["depth"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
+                    marker="o", capsize=3, label=variant)
+    ax.set(xlabel="depth (weight layers)", ylabel="test accuracy (%)", title="Accuracy vs depth")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "accuracy_vs_depth.png")
+
+
+def plot_accuracy_vs_params(rows: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, rs in _by_variant(rows).items():
+        ax.plot([r["params"] for r in rs], [r["acc_mean"] for r in rs], marker="o", label=variant)
+        for r in rs:
+            ax.annotate(str(r["depth"]), (r["params"], r["acc_mean"]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters (log scale; labels = depth)", ylabel="test accuracy (%)",
+           title="Accuracy vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "accuracy_vs_params.png")
+
+
+def plot_throughput(rows: list[dict], out: Path) -> Path:
+    variants = _by_variant(rows)
+    depths = sorted({r["depth"] for rs in variants.values() for r in rs})
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (variant, rs) in enumerate(variants.items()):
+        by_depth = {r["depth"]: r["images_per_s"] or 0 for r in rs}
+        xs = [d + (i - (len(variants) - 1) / 2) * width for d in range(len(depths))]
+        ax.bar(xs, [by_depth.get(d, 0) for d in depths], width, label=variant)
+    ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+    ax.set(xlabel="depth", ylabel="training images / s", title="Training throughput (this machine)")
+    ax.legend()
+    return _save(fig, out / "throughput.png")
+
+
+def plot_similarity(cells: list[dict], out: Path) -> Path | None:
+    """Linear CKA to the input per layer, at init (dashed) and after training (solid), seed 0 of
+    each variant at the deepest depth, with the noise floor dotted."""
+    probed = [c for c in cells if c.get("probe")]
+    if not probed:
+        return None
+    deepest = max(c["depth"] for c in probed)
+    chosen = {}
+    for c in sorted(probed, key=lambda c: c["seed"]):
+        if c["depth"] == deepest:
+            chosen.setdefault(c["variant"], c)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, stage in zip(axes, ("init", "end")):
+        for i, (variant, c) in enumerate(chosen.items()):
+            curve = c["probe"].get(stage)
+            if curve is None:
+                continue
+            color = f"C{i}"
+            ax.plot(curve["cka"], color=color, label=variant)
+            ax.plot(curve["cka_noise"], color=color, linestyle=":", linewidth=1)
+        ax.set(xlabel="layer index", title=f"depth {deepest}, {'at init' if stage == 'init' else 'after training'}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("linear CKA to the input (dotted: noise floor)")
+    axes[0].legend()
+    return _save(fig, out / "similarity_to_input.png")
+
+
+def format_console_table(rows: list[dict]) -> str:
+    w = max([len("variant")] + [len(r["variant"]) for r in rows]) + 2
+    head = f"{'variant':<{w}}{'depth':>6}{'params':>12}{'test acc %':>18}{'val acc %':>11}{'seeds':>7}{'img/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["acc_mean"] is not None else "—"
+        val = f"{r['val_mean']:.2f}" if r["val_mean"] is not None else "—"
+        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
+        params = f"{r['params']:,}" if r["params"] else "—"
+        lines.append(f"{r['variant']:<{w}}{r['depth']:>6}{params:>12}{acc:>18}{val:>11}"
+                     f"{r['finished']:>5}/{r['seeds']:<2}{ips:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""A grid of training runs (variant x depth x seed) through one trainer, resumable.
+
+A sweep config (YAML) has two sections::
+
+    sweep:
+      families: [plain, resnet, pnnh]      # shorthand for variants {plain: {family: plain}, ...}
+      variants:                            # or named variants, for ablations
+        pnnh-copy: {family: pnnh, model_kwargs: {coder_init: copy}, train: {lr: 0.05}}
+      depths: [20, 56, 110]
+      seeds: 3                             # or a list of seeds
+    train:                                 # TrainConfig fields shared by every cell
+      data: fashion-mnist
+      epochs: 10
+
+Every cell trains ``create_model(family, depth=depth, **model_kwargs)`` in
+``OUT/cells/<variant>-d<depth>-s<seed>/`` and records ``cell.json`` when it ends (ok, diverged or
+failed, with the reason). Re-running the same command skips recorded cells and resumes an
+interrupted one from its ``last.pt``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from pnnh.train.checkpoint import atomic_write_text
+from pnnh.train.config import ConfigError, TrainConfig, load_config
+
+PROBE_IMAGES = 256
+
+
+@dataclass
+class Cell:
+    variant: str
+    family: str
+    depth: int
+    seed: int
+    model_kwargs: dict
+    train: dict
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant}-d{self.depth}-s{self.seed}"
+
+    def config(self, out: Path) -> TrainConfig:
+        kwargs = {**self.model_kwargs, "depth": self.depth}
+        return load_config({**self.train, "model": self.family, "model_kwargs": kwargs, "seed": self.seed,
+                            "out": str(out / "cells" / self.id)})
+
+
+@dataclass
+class SweepSpec:
+    variants: dict[str, dict]
+    depths: list[int]
+    seeds: list[int]
+    train: dict = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        cells = []
+        for name, variant in self.variants.items():
+            for depth in self.depths:
+                for seed in self.seeds:
+                    cells.append(Cell(name, variant["family"], depth, seed, dict(variant.get("model_kwargs", {})),
+                                      {**self.train, **variant.get("train", {})}))
+        return cells
+
+    def to_dict(self) -> dict:
+        return {"sweep": {"variants": self.variants, "depths": self.depths, "seeds": self.seeds},
+                "train": self.train}
+
+
+def load_sweep(path: str | Path | None = None, *, families: list[str] | None = None,
+               depths: list[int] | None = None, seeds: int | list[int] | None = None,
+               train: Mapping[str, Any] | None = None, model_kwargs: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read a sweep YAML (optional) and apply command-line overrides.
+
+    ``families`` replaces the variants by one plain variant per family; ``model_kwargs`` are
+    added to every variant (``coder_*`` keys only to PNNH families, which alone accept them).
+    """
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read sweep config {path}: {err}") from None
+        unknown = set(raw) - {"sweep", "train"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: sweep, train")
+    section = dict(raw.get("sweep") or {})
+    unknown = set(section) - {"families", "variants", "depths", "seeds"}
+    if unknown:
+        raise ConfigError(f"unknown sweep keys {sorted(unknown)}; valid: families, variants, depths, seeds")
+    if families:
+        variants = {f: {"family": f} for f in families}
+    elif section.get("variants"):
+        variants = {str(k): dict(v or {}) for k, v in section["variants"].items()}
+        for name, v in variants.items():
+            v.setdefault("family", name)
+            bad = set(v) - {"family", "model_kwargs", "train"}
+            if bad:
+                raise ConfigError(f"variant {name!r}: unknown keys {sorted(bad)}; valid: family, model_kwargs, train")
+    else:
+        variants = {f: {"family": f} for f in section.get("families") or ["plain", "resnet", "pnnh"]}
+    for v in variants.values():
+        for key, value in (model_kwargs or {}).items():
+            if not key.startswith("coder_") or "pnnh" in v["family"]:
+                v.setdefault("model_kwargs", {})[key] = value
+    depths = list(depths or section.get("depths") or [20, 56])
+    seeds_value = seeds if seeds is not None else section.get("seeds", 1)
+    seed_list = list(range(seeds_value)) if isinstance(seeds_value, int) else list(seeds_value)
+    if not seed_list or not all(isinstance(s, int) and s >= 0 for s in seed_list):
+        raise ConfigError(f"seeds={seeds_value!r}: give a count >= 1 or a list of non-negative integers")
+    if not all(isinstance(d, int) and d > 0 for d in depths):
+        raise ConfigError(f"depths={depths!r}: give positive integers, e.g. 20,56,110")
+    spec = SweepSpec(variants, depths, seed_list, {**(raw.get("train") or {}), **(train or {})})
+    return spec
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_failed: bool = False,
+              progress: bool = True) -> list[dict]:
+    """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring)."""
+    from pnnh.train.trainer import TrainingDiverged, train
+
+    out = Path(out)
+    cells = spec.cells()
+    configs = {c.id: c.config(out) for c in cells}  # every config validated before any training
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, spec, command)
+    records = []
+    todo = []
+    for cell in cells:
+        record = read_cell(out / "cells" / cell.id)
+        if record is not None and not (retry_failed and record["status"] == "failed"):
+            records.append(record)
+        else:
+            todo.append(cell)
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", disable=not progress,
+               position=0, dynamic_ncols=True)
+    for cell in todo:
+        bar.set_postfix_str(cell.id)
+        cell_dir = out / "cells" / cell.id
+        if retry_failed and (cell_dir / "cell.json").exists():
+            _discard_failed(cell_dir)
+        resume = (cell_dir / "last.pt").exists()
+        if not resume and cell_dir.exists():
+            # Stopped before its first checkpoint: nothing to resume, keep it aside, start afresh.
+            cell_dir.rename(cell_dir.with_name(f"{cell.id}.incomplete-{int(time.time())}"))
+        try:
+            result = train(configs[cell.id], resume=resume, progress=progress)
+            record = _record(cell, "ok", result.to_dict())
+        except TrainingDiverged as err:
+            record = _record(cell, "diverged", err.result.to_dict(), reason=str(err))
+        except KeyboardInterrupt:
+            bar.close()
+            raise
+        except Exception as err:  # a broken cell must not stop the sweep
+            record = _record(cell, "failed", {}, reason=f"{type(err).__name__}: {err}",
+                             detail=traceback.format_exc(limit=8))
+        if record["status"] != "failed":
+            try:
+                record["probe"] = probe_curves(cell, configs[cell.id])
+            except Exception as err:  # a probe problem must not cost the training result
+                record["probe_error"] = f"{type(err).__name__}: {err}"
+        cell_dir.mkdir(parents=True, exist_ok=True)  # a cell may fail before the trainer made it
+        atomic_write_text(cell_dir / "cell.json", json.dumps(record, indent=1) + "\n")
+        records.append(record)
+        bar.update(1)
+        if progress:
+            tqdm.write(f"[{bar.n}/{len(cells)}] {cell.id}: {_one_line(record)}")
+    bar.close()
+    return records
+
+
+def read_cell(cell_dir: Path) -> dict | None:
+    path = cell_dir / "cell.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def read_cells(out: str | Path) -> list[dict]:
+    """Every recorded cell under ``out/cells``, in a stable order."""
+    paths = sorted(Path(out, "cells").glob("*/cell.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
+    """Similarity to the input per layer, at init (same seed) and after training (last.pt)."""
+    from pnnh.data import TensorLoader, load_dataset
+    from pnnh.models import create_model
+    from pnnh.probe import probe_model
+
+    run = Path(cfg.out)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    splits = load_dataset(saved["data"], data_dir=saved.get("data_dir"), seed=saved["seed"],
+                          test_subset=saved.get("test_subset"), img_size=saved.get("img_size"))
+    n = min(PROBE_IMAGES, len(splits.test_y))
+    loader = TensorLoader(splits.test_x[:n], splits.test_y[:n], n, mean=splits.mean, std=splits.std, train=False)
+    x, y = next(iter(loader))
+    curves = {}
+    stages = ("init", "end") if (run / "last.pt").exists() else ("init",)  # none if epoch 1 diverged
+    for stage in stages:
+        torch.manual_seed(cell.seed)
+        model = create_model(saved["model"], num_classes=splits.num_classes, in_chans=splits.in_chans,
+                             img_size=splits.img_size, **saved["model_kwargs"])
+        if stage == "end":
+            state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+        result = probe_model(model, x, y, grad=False)
+        curves[stage] = {k: result[k] for k in ("layers", "cka", "cka_noise", "survival")}
+    return curves
+
+
+def _record(cell: Cell, status: str, result: dict, reason: str = "", detail: str = "") -> dict:
+    metrics = result.get("metrics") or {}
+    return {
+        "id": cell.id, "variant": cell.variant, "family": cell.family, "depth": cell.depth, "seed": cell.seed,
+        "model_kwargs": cell.model_kwargs, "status": status, "reason": reason, "detail": detail,
+        "test_acc": metrics.get("test_acc"), "val_acc": metrics.get("val_acc"),
+        "best_acc": result.get("best_acc"), "best_epoch": result.get("best_epoch"),
+        "params": result.get("params"), "images_per_s": result.get("images_per_s"),
+        "seconds": result.get("seconds"), "epochs": metrics.get("epoch"), "metrics": metrics,
+    }
+
+
+def _discard_failed(cell_dir: Path) -> None:
+    (cell_dir / "cell.json").rename(cell_dir / f"cell.failed-{int(time.time())}.json")
+
+
+def _one_line(record: dict) -> str:
+    if record["status"] == "failed":
+        return f"FAILED ({record['reason']})"
+    acc = record["test_acc"]
+    acc_text = f"test {100 * acc:.2f}%" if acc is not None else "no epoch finished"
+    return f"{record['status']}, {acc_text}, {record['params']:,} params, {record['images_per_s']:.0f} img/s"
+
+
+def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
+    """``sweep.yaml``: the resolved sweep, the command and the versions (the report cites them)."""
+    manifest = {**spec.to_dict(), "command": command or " ".join(sys.argv), "versions": versions()}
+    path = out / "sweep.yaml"
+    if path.exists():
+        previous = yaml.safe_load(path.read_text()) or {}
+        if previous.get("sweep") != manifest["sweep"] or previous.get("train") != manifest["train"]:
+            raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings")
+        return
+    atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
+
+
+def versions() -> dict:
+    import pnnh
+
+    return {"pnnh": pnnh.__version__, "torch": str(torch.__version__), "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

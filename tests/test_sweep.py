@@ -1,0 +1,126 @@
+"""pnnh sweep / report: a real (tiny) grid on sklearn digits, resumability, failures, report files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from pnnh.cli import main
+from pnnh.experiments.report import write_report
+from pnnh.experiments.sweep import load_sweep, read_cells, run_sweep
+from pnnh.train.config import ConfigError
+from pnnh.train.trainer import train
+
+TINY = {"data": "digits", "epochs": 2, "batch_size": 64, "precision": "fp32"}
+
+
+def tiny_spec(**overrides):
+    return load_sweep(families=["plain", "resnet", "pnnh"], depths=[8], seeds=1, train=TINY,
+                      model_kwargs={"width": 4}, **overrides)
+
+
+def test_sweep_trains_every_cell_and_reports(tmp_path):
+    out = tmp_path / "sweep"
+    records = run_sweep(tiny_spec(), out, command="pnnh sweep (test)", progress=False)
+    assert [r["id"] for r in records] == ["plain-d8-s0", "resnet-d8-s0", "pnnh-d8-s0"]
+    for r in records:
+        assert r["status"] == "ok"
+        assert 0.3 < r["test_acc"] <= 1.0  # digits after 2 epochs: well above chance (0.1)
+        assert r["params"] > 0 and r["images_per_s"] > 0
+        assert len(r["probe"]["init"]["cka"]) == len(r["probe"]["end"]["cka"]) == 7
+    assert records[2]["model_kwargs"] == {"width": 4}
+
+    report = write_report(out)
+    text = report.read_text()
+    assert "pnnh sweep (test)" in text and "torch" in text
+    for name in ("accuracy_vs_depth.png", "accuracy_vs_params.png", "throughput.png", "similarity_to_input.png"):
+        assert (out / name).stat().st_size > 1000
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["id"] for r in rows} == {r["id"] for r in records}
+    summary = json.loads((out / "results.json").read_text())
+    assert {row["variant"] for row in summary["rows"]} == {"plain", "resnet", "pnnh"}
+
+
+def test_finished_cells_are_skipped_and_interrupted_cell_resumes(tmp_path):
+    out = tmp_path / "sweep"
+    spec = load_sweep(families=["pnnh"], depths=[8], seeds=2, train=TINY, model_kwargs={"width": 4})
+    first, second = spec.cells()
+    # Seed 1 is "interrupted" after its first epoch: its directory holds last.pt, no cell.json.
+    train({**second.config(out).to_dict(), "epochs": 1}, progress=False)
+    run_sweep(spec, out, progress=False, command="t")
+    records = {r["id"]: r for r in read_cells(out)}
+    assert records[second.id]["status"] == "ok" and records[second.id]["epochs"] == 2
+    lines = (out / "cells" / second.id / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]  # resumed, not restarted
+
+    stamp = (out / "cells" / first.id / "cell.json").stat().st_mtime_ns
+    run_sweep(spec, out, progress=False, command="t")
+    assert (out / "cells" / first.id / "cell.json").stat().st_mtime_ns == stamp  # skipped
+
+
+def test_failed_and_diverged_cells_are_recorded_and_do_not_stop_the_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    raw = {"sweep": {"depths": [8], "seeds": [0], "variants": {
+        "broken": {"family": "pnnh", "model_kwargs": {"coder_init": "nonsense"}},
+        "exploding": {"family": "plain", "train": {"lr": 1e9}},
+        "fine": {"family": "plain"}}},
+        "train": TINY}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    records = {r["variant"]: r for r in run_sweep(load_sweep(path, model_kwargs={"width": 4}), out, progress=False)}
+    assert records["broken"]["status"] == "failed" and "nonsense" in records["broken"]["reason"]
+    assert records["exploding"]["status"] == "diverged" and "nan" in records["exploding"]["reason"].lower()
+    assert records["fine"]["status"] == "ok"
+    assert "did not finish" in write_report(out).read_text()
+
+
+def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    spec = load_sweep(families=["plain"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4})
+    run_sweep(spec, out, progress=False)
+    other = load_sweep(families=["plain"], depths=[8], seeds=1, train={**TINY, "epochs": 1}, model_kwargs={"width": 4})
+    with pytest.raises(ConfigError, match="different sweep"):
+        run_sweep(other, out, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"seeds": 0}, "seeds=0"),
+    ({"depths": [0]}, "depths"),
+])
+def test_bad_sweep_values(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(families=["plain"], **kwargs)
+
+
+def test_unknown_sweep_key(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("sweep: {familes: [plain]}\n")
+    with pytest.raises(ConfigError, match="familes"):
+        load_sweep(path)
+
+
+def test_coder_options_reach_pnnh_only():
+    spec = load_sweep(families=["resnet", "pnnh"], model_kwargs={"coder_init": "copy", "width": 8})
+    kwargs = {v: spec.variants[v].get("model_kwargs") for v in spec.variants}
+    assert kwargs == {"resnet": {"width": 8}, "pnnh": {"coder_init": "copy", "width": 8}}
+
+
+def test_named_recipes_load_and_validate(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        raw = yaml.safe_load(path.read_text())
+        if "sweep" not in raw:
+            continue
+        spec = load_sweep(path)
+        for cell in spec.cells():
+            cell.config(tmp_path)  # every cell's training config validates
+
+
+def test_report_cli_on_empty_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished cell" in capsys.readouterr().err
