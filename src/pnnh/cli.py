@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "pnnh.probe.cli",
     "pnnh.theory",
     "pnnh.experiments.cli",
+    "pnnh.experiments.bench_cli",
+    "pnnh.export_cli",
 )
 
 
