@@ -7,4 +7,9 @@
 from pnnh.models import CoderSpec, count_params, create_model, find_shortcuts, list_models, register_model
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "register_model", "count_params", "find_shortcuts", "CoderSpec"]
+
+from pnnh import train  # noqa: E402  (callable: pnnh.train(config) -> TrainResult)
+from pnnh.fold import fold  # noqa: E402
+
+__all__ = ["create_model", "list_models", "register_model", "count_params", "find_shortcuts", "CoderSpec",
+           "train", "fold"]

@@ -65,13 +65,15 @@ class ConvNet(nn.Module):
         layers = [("stem", self.stem)]
         for n, m in enumerate(self.body):
             name = f"body.{n}"
-            layers += m.feature_layers(name) if isinstance(m, ResidualBlock) else [(name, m)]
+            layers += m.feature_layers(name) if hasattr(m, "feature_layers") else [(name, m)]
         return layers
 
 
 def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_classes: int,
               kwargs: dict, net_class: type[ConvNet] = ConvNet) -> ConvNet:
-    """Wrap the convolutions of ``stages`` as the ``family`` asks; ``kwargs`` are family options."""
+    """Wrap the convolutions of ``stages`` as the ``family`` asks; ``kwargs`` are family options
+    (``init=`` re-initialises the convolutions: he_normal, orthogonal or delta_orthogonal)."""
+    init = kwargs.pop("init", None)
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not valid; choose one of {FAMILIES}")
     if family == "pnnh":
@@ -85,7 +87,12 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
     else:
         _no_extra(kwargs, family)
         body = [ConvBNAct(*c) for blocks in stages for convs in blocks for c in convs]
-    return net_class(stem, body, stages[-1][-1][-1][1], num_classes)
+    net = net_class(stem, body, stages[-1][-1][-1][1], num_classes)
+    if init is not None:
+        from pnnh.models.baselines import apply_init  # baselines builds on this module
+
+        apply_init(net, init)
+    return net
 
 
 def _no_extra(kwargs: dict, family: str) -> None:

@@ -23,7 +23,7 @@ CODER_INITS = ("accumulate", "copy", "signed", "kaiming", "orthogonal")
 CODER_FORMS = ("partial", "looks-linear")
 SHARINGS = ("stage", "none")
 FUSIONS = ("concat", "sum")
-CODER_NORMS = ("bn", "none")
+CODER_NORMS = ("bn", "none", "stage_end")
 
 
 def he_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -82,10 +82,15 @@ class CoderSpec:
     sharing: str = "stage"         # stage: one K_s per stage and shape | none: a coder per layer
     init: str = "accumulate"       # accumulate | copy | signed | kaiming | orthogonal
     form: str = "partial"          # partial: identity on coder channels | looks-linear: (+c, -c) pairs
-    kernel: int = 3                # coder kernel size (1 or 3)
+    kernel: int = 1                # coder kernel size (1 or 3); a frozen identity-initialised 3x3
+                                   # coder computes exactly what a 1x1 one does, with 9x the weights
     fusion: str = "concat"         # concat: disjoint channel groups | sum: N(c) + act(N(u))
-    norm: str = "bn"               # bn | none: BatchNorm on the coder channels or not
+    norm: str = "bn"               # bn | none | stage_end: BatchNorm on the coder channels in every
+                                   # layer, in none, or only in the last layer of each stage
     scale: float = 1.0             # a: accumulate adds a * learner channel to the code
+    trainable: bool = False        # the coder keeps its initial weights; a trained shared coder
+                                   # drifts from the identity and its drift compounds over the
+                                   # stage (results/screening.md: 64% vs 83% val at depth 56)
 
     def __post_init__(self):
         for field, valid in (("sharing", SHARINGS), ("init", CODER_INITS), ("form", CODER_FORMS),
@@ -96,6 +101,8 @@ class CoderSpec:
             raise ValueError(f"coder_ratio={self.ratio!r} must lie strictly between 0 and 1")
         if self.kernel not in (1, 3):
             raise ValueError(f"coder_kernel={self.kernel!r} must be 1 or 3")
+        if not isinstance(self.trainable, bool):
+            raise ValueError(f"coder_trainable={self.trainable!r} must be True or False")
         if self.fusion == "sum" and self.form != "partial":
             raise ValueError("coder_fusion='sum' needs coder_form='partial'")
 
@@ -160,6 +167,7 @@ class Coder(nn.Module):
             centre = (...,) if kernel is None else (..., kernel // 2, kernel // 2)
             with torch.no_grad():
                 self.weight[centre] = code_read_matrix(spec, n_code, in_ch, in_code)
+        self.weight.requires_grad_(spec.trainable)
 
 
 class PartialReLU(nn.Module):
@@ -210,11 +218,12 @@ class PNNHConv(nn.Module):
     """One PNNH layer: one convolution with weight ``cat([K, W])``, one norm, a partial activation.
 
     ``coder`` is the (possibly shared) :class:`Coder`; ``weight`` is this layer's learner W.
-    Output layout: ``n_code`` coder channels (``2 n_code`` as (+c, -c) pairs in the
+    ``norm_code=False`` leaves the coder channels unnormalised. Output layout: ``n_code`` coder channels (``2 n_code`` as (+c, -c) pairs in the
     looks-linear form), then the learner channels.
     """
 
-    def __init__(self, spec: CoderSpec, coder: Coder, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1):
+    def __init__(self, spec: CoderSpec, coder: Coder, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1,
+                 norm_code: bool = True):
         super().__init__()
         self.spec, self.coder, self.stride, self.padding = spec, coder, stride, kernel // 2
         self.coder_pad = (kernel - coder.weight.shape[-1]) // 2  # a 1x1 coder sits at the 3x3 centre
@@ -223,7 +232,7 @@ class PNNHConv(nn.Module):
         learner_out = out_ch if spec.fusion == "sum" else out_ch - self.n_code_out
         self.weight = nn.Parameter(he_normal_(torch.empty(learner_out, in_ch, kernel, kernel)))
         norm_ch = self.n_code_out + learner_out
-        if spec.norm == "none":
+        if not norm_code:
             self.norm = PartialBatchNorm(norm_ch, self.n_code_out)
         else:
             self.norm = nn.BatchNorm2d(norm_ch)
@@ -266,7 +275,8 @@ def pnnh_layers(spec: CoderSpec, stages: list[list[tuple[int, int, int, int]]]) 
     layers = []
     for convs in stages:
         shared: dict[tuple, Coder] = {}
-        for in_ch, out_ch, kernel, stride in convs:
+        for n, (in_ch, out_ch, kernel, stride) in enumerate(convs):
+            norm_code = spec.norm == "bn" or (spec.norm == "stage_end" and n == len(convs) - 1)
             n_code = spec.code_channels(out_ch) // (2 if spec.form == "looks-linear" else 1)
             ck = min(spec.kernel, kernel)
             key = (in_ch, out_ch, kernel)
@@ -280,5 +290,5 @@ def pnnh_layers(spec: CoderSpec, stages: list[list[tuple[int, int, int, int]]]) 
                 coder = Coder(spec, n_code, in_ch, in_code, ck)
                 if spec.sharing == "stage":
                     shared[key] = coder
-            layers.append(PNNHConv(spec, coder, in_ch, out_ch, kernel, stride))
+            layers.append(PNNHConv(spec, coder, in_ch, out_ch, kernel, stride, norm_code))
     return layers
