@@ -5,7 +5,6 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from pnnh.train.config import ConfigError
 

@@ -114,7 +114,7 @@ def _by_variant(rows):
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(fig)
     return path
 
@@ -177,13 +177,14 @@ def plot_similarity(cells: list[dict], out: Path) -> Path | None:
             curve = c["probe"].get(stage)
             if curve is None:
                 continue
-            color = f"C{i}"
+            color = plt.cm.tab20(i % 20)  # distinct colours for up to 20 variants
             ax.plot(curve["cka"], color=color, label=variant)
             ax.plot(curve["cka_noise"], color=color, linestyle=":", linewidth=1)
         ax.set(xlabel="layer index", title=f"depth {deepest}, {'at init' if stage == 'init' else 'after training'}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("linear CKA to the input (dotted: noise floor)")
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return _save(fig, out / "similarity_to_input.png")
 
 
