@@ -316,3 +316,11 @@ def test_lr_schedules():
     assert all(a >= b for a, b in zip(cosine[warm:], cosine[warm + 1:]))
     assert lr_factor(60, warm, total, "onecycle") == pytest.approx(0.5)
     assert lr_factor(109, warm, total, "constant") == 1.0
+
+
+def test_atomic_write_gives_the_usual_file_permissions(tmp_path):
+    from pnnh.train.checkpoint import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    # mkstemp alone would leave 0o600 (unreadable to the group even with umask 022).
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK

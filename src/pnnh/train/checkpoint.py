@@ -18,12 +18,15 @@ import numpy as np
 import torch
 
 TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a temporary file, then atomically move it to ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
     os.close(fd)  # reopened by name so the writer sees a file object with a real .name
     try:
         with open(tmp, "wb") as f:
