@@ -126,7 +126,7 @@ def test_default_pnnh_layer_is_one_conv_one_norm_one_activation():
     layer = pnnh.create_model("pnnh8", width=8).body[1]
     assert isinstance(layer, PNNHConv)
     kinds = [type(m).__name__ for m in layer.children()]
-    assert kinds == ["Coder", "BatchNorm2d", "PartialReLU"]
+    assert kinds == ["Coder", "PartialBatchNorm", "PartialReLU"]
     graph = torch.fx.symbolic_trace(layer).graph
     assert [n.target for n in graph.nodes if n.op == "call_function"].count(torch.conv2d) == 1
 
@@ -143,8 +143,9 @@ def test_fused_conv_equals_two_call_form(option):
 
 def test_coder_inits():
     spec = CoderSpec()
-    R = code_read_matrix(spec, 4, 8, 4)
+    R = code_read_matrix(CoderSpec(init="accumulate"), 4, 8, 4)
     assert torch.equal(R, torch.cat([torch.eye(4), torch.eye(4)], 1))  # accumulate: [I | I]
+    assert spec.init == "signed" and spec.norm == "none" and not spec.trainable and spec.kernel == 1
     assert torch.equal(code_read_matrix(CoderSpec(init="copy"), 4, 8, 4), torch.cat([torch.eye(4), torch.zeros(4, 4)], 1))
     signed = code_read_matrix(CoderSpec(init="signed"), 4, 8, 4)
     assert torch.equal(signed[:, 4:].sum(0), torch.zeros(4))  # each learner added once, subtracted once
@@ -159,7 +160,8 @@ def test_looks_linear_code_passes_exactly_at_init():
     """The looks-linear coder reads relu(+c) - relu(-c) = c back: a copy coder is an exact identity."""
     torch.manual_seed(0)
     spec = CoderSpec(form="looks-linear", init="copy", kernel=1)
-    layer = pnnh.create_model("pnnh8", width=8, coder_form="looks-linear", coder_init="copy", coder_kernel=1).body[1]
+    layer = pnnh.create_model("pnnh8", width=8, coder_form="looks-linear", coder_init="copy", coder_kernel=1,
+                              coder_norm="bn").body[1]
     x = torch.relu(torch.randn(16, 8, 6, 6))
     out = layer(x)
     code = out[:, :2] - out[:, 2:4]

@@ -80,8 +80,9 @@ class ViT(nn.Module):
         out_dim, coders = dim, (None, None)
         if mode == "pnnh":
             spec = CoderSpec.from_kwargs(kwargs)
-            if spec.form != "partial" or spec.fusion != "concat" or spec.norm != "bn" or spec.kernel != 1:
-                raise ValueError("the PNNH ViT supports coder_ratio, coder_init, coder_scale and coder_sharing only")
+            if spec.form != "partial" or spec.fusion != "concat":  # its code is never normalised
+                raise ValueError("the PNNH ViT supports coder_ratio, coder_init, coder_scale, coder_sharing "
+                                 "and coder_trainable only")
             n_code = spec.code_channels(dim)
             out_dim = dim - n_code
             make = lambda: Coder(spec, n_code, dim, n_code, None)  # noqa: E731
