@@ -91,7 +91,7 @@ class CoderSpec:
     fusion: str = "concat"         # concat: disjoint channel groups | sum: N(c) + act(N(u))
     norm: str = "none"             # none | bn | stage_end: BatchNorm on the coder channels in no
                                    # layer, every layer, or only the last layer of each stage
-    scale: float = 1.0             # a: accumulate adds a * learner channel to the code
+    scale: float = 1.0             # a: signed and accumulate add a x learner increments to the code
     trainable: bool = False        # the coder keeps its initial weights; a trained shared coder
                                    # drifts from the identity and its drift compounds over the
                                    # stage (results/screening.md: 64% vs 83% val at depth 56)
