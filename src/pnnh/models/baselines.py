@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pnnh.fold import fold_conv_bn
-from pnnh.models.cnn import CIFAR_DEPTHS, Conv, ConvNet, basic_block, stage_blocks
+from pnnh.models.cnn import CIFAR_DEPTHS, Conv, ConvNet, cifar_stages
 from pnnh.models.layers import ConvBNAct, PNNHConv, he_normal_
 from pnnh.models.mlp import FlattenToChannels
 from pnnh.models.registry import register_model
@@ -211,15 +211,6 @@ class BlockNet(ConvNet):
         for n, m in enumerate(self.body):
             layers += m.feature_layers(f"body.{n}") if hasattr(m, "feature_layers") else [(f"body.{n}", m)]
         return layers
-
-
-def cifar_stages(depth: int, width: int) -> list[list[list[Conv]]]:
-    """The convolutions of a CIFAR-style net of depth 6n+2, stage by stage and block by block."""
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth={depth!r} is not valid for a CIFAR-style net: use 6n+2 with n >= 1 "
-                         f"(8, 14, 20, 26, 32, ..., e.g. {', '.join(map(str, CIFAR_DEPTHS))})")
-    n = (depth - 2) // 6
-    return stage_blocks(basic_block, (width, 2 * width, 4 * width), (n, n, n), width)
 
 
 def _residual_net(block: Callable[[list[Conv]], nn.Module], stem: nn.Module, stages: list[list[list[Conv]]],

@@ -102,15 +102,19 @@ def _no_extra(kwargs: dict, family: str) -> None:
         raise TypeError(f"unexpected keyword arguments for a {family} model: {sorted(kwargs)}{hint}")
 
 
-def cifar_net(family: str, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16,
-              img_size: int = 32, **kwargs) -> ConvNet:
-    """CIFAR-style net of depth 6n+2: 3x3 stem, stages of widths (w, 2w, 4w), 2n convs each."""
+def cifar_stages(depth: int, width: int) -> list[list[list[Conv]]]:
+    """The convolutions of a CIFAR-style net of depth 6n+2: stages of widths (w, 2w, 4w), n blocks each."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth={depth!r} is not valid for a CIFAR-style net: use 6n+2 with n >= 1 "
                          f"(8, 14, 20, 26, 32, ..., e.g. {', '.join(map(str, CIFAR_DEPTHS))})")
     n = (depth - 2) // 6
-    stages = stage_blocks(basic_block, (width, 2 * width, 4 * width), (n, n, n), width)
-    return build_cnn(family, stages, ConvBNAct(in_chans, width), num_classes, kwargs)
+    return stage_blocks(basic_block, (width, 2 * width, 4 * width), (n, n, n), width)
+
+
+def cifar_net(family: str, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16,
+              img_size: int = 32, **kwargs) -> ConvNet:
+    """CIFAR-style net of depth 6n+2: 3x3 stem, then :func:`cifar_stages`."""
+    return build_cnn(family, cifar_stages(depth, width), ConvBNAct(in_chans, width), num_classes, kwargs)
 
 
 IMAGENET_LAYOUTS = {
