@@ -5,6 +5,8 @@ import math
 
 import pytest
 import yaml
+
+import pnnh
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,6 +153,16 @@ def test_family_defaults_and_batch_scaling():
     vit = resolve_config(load_config({**BASE, "batch_size": 512, "device": "cpu"}), "vit", 8)
     assert vit.optimizer == "adamw" and math.isclose(vit.lr, 2e-3) and vit.nesterov is False
     assert (vit.weight_decay, vit.label_smoothing, vit.crop_pad, vit.channels_last) == (0.05, 0.1, 0, False)
+
+
+def test_auto_channels_last_follows_the_models_cpu_preference():
+    cfg = load_config({**BASE, "device": "cpu"})
+    assert resolve_config(cfg, "cnn", 28, channels_last_on_cpu=False).channels_last is False
+    assert resolve_config(cfg, "cnn", 28, channels_last_on_cpu=True).channels_last is True
+    assert resolve_config(load_config({**BASE, "device": "cpu", "channels_last": True}), "cnn", 28,
+                          channels_last_on_cpu=False).channels_last is True
+    assert pnnh.create_model("pnnh20").prefers_channels_last_on_cpu is False
+    assert pnnh.create_model("resnet20").prefers_channels_last_on_cpu is True
 
 
 def test_user_values_survive_resolution():

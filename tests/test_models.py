@@ -122,13 +122,34 @@ def test_pnnh_design_space_is_plain(option):
     assert pnnh.find_shortcuts(model, torch.randn(2, 1, 28, 28)) == []
 
 
-def test_default_pnnh_layer_is_one_conv_one_norm_one_activation():
+def test_default_pnnh_layer_is_a_1x1_coder_conv_beside_a_3x3_learner_conv():
     layer = pnnh.create_model("pnnh8", width=8).body[1]
     assert isinstance(layer, PNNHConv)
     kinds = [type(m).__name__ for m in layer.children()]
     assert kinds == ["Coder", "PartialBatchNorm", "PartialReLU"]
     graph = torch.fx.symbolic_trace(layer).graph
-    assert [n.target for n in graph.nodes if n.op == "call_function"].count(torch.conv2d) == 1
+    convs = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
+    assert len(convs) == 2  # the 1x1 coder and the 3x3 learner
+    assert [n.target for n in graph.nodes if n.op == "call_function"].count(torch.add) == 0
+
+
+def test_split_coder_conv_saves_the_code_channels_flops():
+    from pnnh.experiments.bench import count_flops
+    x = torch.randn(2, 1, 28, 28)
+    flops = {name: count_flops(pnnh.create_model(name, in_chans=1), x) for name in ("resnet56", "pnnh56")}
+    # half the output channels come from a 1x1 conv (1/9 of a 3x3's FLOPs): ~0.5 + 0.5 / 9
+    assert 0.5 < flops["pnnh56"] / flops["resnet56"] < 0.62
+
+
+@pytest.mark.parametrize("option", [{}, {"coder_form": "looks-linear"}, {"coder_kernel": 3},
+                                    {"coder_fusion": "sum"}, {"coder_norm": "bn"}, {"coder_norm": "stage_end"}])
+def test_split_forward_equals_one_fused_conv(option):
+    torch.manual_seed(0)
+    model = pnnh.create_model("pnnh20", in_chans=1, width=8, **option)
+    for layer in model.body:
+        layer.norm.train()
+        x = torch.randn(4, layer.weight.shape[1], 8, 8)
+        torch.testing.assert_close(layer(x.clone()), layer.forward_fused(x.clone()), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("option", [{}, {"coder_form": "looks-linear"}, {"coder_kernel": 1},

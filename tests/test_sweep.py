@@ -124,3 +124,18 @@ def test_named_recipes_load_and_validate(tmp_path):
 def test_report_cli_on_empty_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished cell" in capsys.readouterr().err
+
+
+def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    spec = tiny_spec()
+    first = run_sweep(spec, out, progress=False, command="t", shard=(0, 2))
+    second = run_sweep(spec, out, progress=False, command="t", shard=(1, 2))
+    assert [r["id"] for r in first] == ["plain-d8-s0", "pnnh-d8-s0"]
+    assert [r["id"] for r in second] == ["resnet-d8-s0"]
+    assert {r["id"] for r in read_cells(out)} == {c.id for c in spec.cells()}
+    with pytest.raises(ConfigError, match="shard"):
+        run_sweep(spec, out, progress=False, shard=(2, 2))
+    with pytest.raises(SystemExit):
+        main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
+    assert "0 <= I < N" in capsys.readouterr().err

@@ -25,6 +25,16 @@ def _csv(kind):
     return parse
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/2)") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N (e.g. 0/2 and 1/2 for two processes)")
+    return i, n
+
+
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="train a grid of models (family x depth x seed) and report",
                        description="Train every cell (variant x depth x seed) through the same trainer, data, "
@@ -46,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model keyword for every cell (coder_* keys reach PNNH families only), repeatable")
     p.add_argument("--retry-failed", action="store_true", help="train again the cells recorded as failed")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
+                        "on the same --out, e.g. with OMP_NUM_THREADS=1 each on an N-core machine")
     p.set_defaults(func=run_sweep_command)
 
     r = sub.add_parser("report", help="write report.md, results.csv/json and plots for a sweep directory")
@@ -69,8 +82,12 @@ def run_sweep_command(args) -> int:
     try:
         spec = load_sweep(args.config, families=args.families, depths=args.depths, seeds=args.seeds,
                           train=train, model_kwargs=parse_set(args.set))
-        command = "pnnh " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed)
+        argv = sys.argv[1:]
+        if "--shard" in argv:  # every shard runs the same sweep: record the command without it
+            k = argv.index("--shard")
+            argv = argv[:k] + argv[k + 2:]
+        command = "pnnh " + " ".join(shlex.quote(a) for a in argv)
+        records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed, shard=args.shard)
     except ConfigError as err:
         print(f"pnnh sweep: error: {err}", file=sys.stderr)
         return 2

@@ -126,13 +126,19 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_failed: bool = False,
-              progress: bool = True) -> list[dict]:
-    """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring)."""
+              progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring).
+
+    ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of the grid, so n processes can share
+    one sweep directory (cells never overlap); the records returned are this shard's."""
     from pnnh.train.trainer import TrainingDiverged, train
 
     out = Path(out)
-    cells = spec.cells()
-    configs = {c.id: c.config(out) for c in cells}  # every config validated before any training
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
+    configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
+    cells = spec.cells()[index::count]
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, spec, command)
     records = []

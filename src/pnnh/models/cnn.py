@@ -49,6 +49,10 @@ class ConvNet(nn.Module):
     """stem -> body -> global average pool -> linear head, for every CNN family."""
 
     family = "cnn"
+    # The trainer's channels_last="auto" uses channels_last on CPU only for models that run faster
+    # in it: PNNH layers (half-width BatchNorm/ReLU beside a channel concat) train ~1.2x faster in
+    # NCHW on CPU (benchmarks/throughput.py, README "Efficiency"). On CUDA every CNN uses it.
+    prefers_channels_last_on_cpu = True
 
     def __init__(self, stem: nn.Module, body: list[nn.Module], out_ch: int, num_classes: int):
         super().__init__()
@@ -88,6 +92,7 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
         _no_extra(kwargs, family)
         body = [ConvBNAct(*c) for blocks in stages for convs in blocks for c in convs]
     net = net_class(stem, body, stages[-1][-1][-1][1], num_classes)
+    net.prefers_channels_last_on_cpu = family != "pnnh"
     if init is not None:
         from pnnh.models.baselines import apply_init  # baselines builds on this module
 

@@ -6,8 +6,11 @@ The PNNH layer (docs/PNNH.md section 2) is one plain layer split in two channel 
     u  = W_l * h                      learner: weights of this layer only
     h' = concat( c, act(N(u)) )       N = BatchNorm, act = ReLU, on the learner channels only
 
-It runs as ONE convolution with weight ``cat([K_s, W_l])``, one channel-wise normalisation and one
-channel-wise activation (both the identity on coder channels). Nothing is added to a tensor from
+It is one convolution with weight ``cat([K_s, W_l])``, one channel-wise normalisation and one
+channel-wise activation (both the identity on coder channels). With the default 1x1 coder under a
+3x3 learner the two parts run as two convolutions (the coder's is 1x1, so the layer costs about
+(1 - r) of a plain layer's FLOPs), then one concatenation; ``pnnh.fold`` merges them back into
+one convolution for inference. Nothing is added to a tensor from
 an earlier layer: the internal path lives inside the weights. The default coder (chosen on
 validation accuracy over 3 seeds, results/screening.md) is ``signed``: code channel i keeps its
 value and adds learner channel i minus learner channel i+1, a zero-mean increment, so the code
@@ -174,6 +177,23 @@ class Coder(nn.Module):
         self.weight.requires_grad_(spec.trainable)
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity forward; backward hands on its gradient dense in the forward tensor's layout.
+
+    The gradient of one part of a channel concatenation is a channel slice, which in
+    channels_last is strided; CPU BatchNorm and ReLU backward kernels are several times slower
+    on strided tensors than one copy to a dense tensor (benchmarks/profile_pnnh.py)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+
+
 class PartialReLU(nn.Module):
     """ReLU on channels ``start:`` only, in place: the coder channels pass unchanged.
 
@@ -256,6 +276,22 @@ class PNNHConv(nn.Module):
         return torch.cat(parts, dim=0)
 
     def forward(self, h):
+        if not self.coder_pad:
+            return self.forward_fused(h)
+        # A coder kernel smaller than the learner's (the default 1x1 coder under a 3x3 learner):
+        # its own convolution costs 1/k^2 of a k x k one, so the layer costs about (1 - r) of a
+        # plain layer's FLOPs instead of all of them. Same function as forward_fused.
+        c = F.conv2d(h, self.coder.weight, None, self.stride, 0)
+        u = F.conv2d(h, self.weight, None, self.stride, self.padding)
+        if self.spec.form == "looks-linear":
+            c = torch.cat([c, -c], dim=1)
+        if isinstance(self.norm, PartialBatchNorm) and isinstance(self.act, PartialReLU):
+            # the default layer: norm and activation on the learner tensor alone, no channel slices
+            return torch.cat([c, _DenseGrad.apply(F.relu(self.norm.bn(u), inplace=True))], dim=1)
+        return self.act(self.norm(torch.cat([c, u], dim=1)))
+
+    def forward_fused(self, h):
+        """The layer as ONE convolution with weight :meth:`fused_weight` (the folded form)."""
         y = F.conv2d(h, self.fused_weight(), None, self.stride, self.padding)
         return self.act(self.norm(y))
 

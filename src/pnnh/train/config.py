@@ -138,11 +138,13 @@ def load_config(
     return TrainConfig(**values)
 
 
-def resolve_config(cfg: TrainConfig, family: str, img_size: int) -> TrainConfig:
+def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_on_cpu: bool = True) -> TrainConfig:
     """Return a copy of ``cfg`` with every family- or machine-dependent field made concrete.
 
     ``family`` is the model's family ("cnn", "vit", "mlp"), ``img_size`` the dataset's image
-    side in pixels. Raises ``ConfigError`` when the requested device cannot be used.
+    side in pixels; ``channels_last_on_cpu=False`` makes ``channels_last="auto"`` choose NCHW
+    on the CPU (a model's ``prefers_channels_last_on_cpu``). Raises ``ConfigError`` when the
+    requested device cannot be used.
     """
     if family not in FAMILY_DEFAULTS:
         raise ConfigError(f"unknown model family {family!r}; expected one of {sorted(FAMILY_DEFAULTS)}")
@@ -171,7 +173,8 @@ def resolve_config(cfg: TrainConfig, family: str, img_size: int) -> TrainConfig:
         crop_pad=(4 if img_size >= 28 else 0) if cfg.crop_pad is None else cfg.crop_pad,
         device=device,
         precision=resolve_precision(cfg.precision, device),
-        channels_last=(family == "cnn") if cfg.channels_last == "auto" else cfg.channels_last,
+        channels_last=(family == "cnn" and (channels_last_on_cpu or device != "cpu")
+                       if cfg.channels_last == "auto" else cfg.channels_last),
         out=cfg.out or default_out_dir(cfg.model, cfg.data),
     )
 

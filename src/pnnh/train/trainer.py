@@ -130,7 +130,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
                              img_size=splits.img_size, **cfg.model_kwargs)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
-    cfg = resolve_config(cfg, model.family, splits.img_size)
+    cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True))
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
 
