@@ -79,10 +79,14 @@ class TrainConfig:
     weight_decay: float | None = None
     coder_lr_scale: float = 1.0
     coder_weight_decay: float | None = None
+    scalar_lr_scale: float = 0.1
     label_smoothing: float | None = None
     warmup_epochs: float | None = None
     schedule: str | None = None
     grad_clip: float | None = None
+    grad_noise: float | None = None
+    guide: str | None = None
+    guide_weight: float = 1.0
     crop_pad: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -394,8 +398,17 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.lr is not None:
         cfg.lr = _as_float("lr", cfg.lr, 0.0, strict=True)
     cfg.coder_lr_scale = _as_float("coder_lr_scale", cfg.coder_lr_scale, 0.0)
-    if cfg.grad_clip is not None:
-        cfg.grad_clip = _as_float("grad_clip", cfg.grad_clip, 0.0, strict=True)
+    cfg.scalar_lr_scale = _as_float("scalar_lr_scale", cfg.scalar_lr_scale, 0.0)
+    cfg.guide_weight = _as_float("guide_weight", cfg.guide_weight, 0.0, strict=True)
+    for name in ("grad_clip", "grad_noise"):
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, _as_float(name, getattr(cfg, name), 0.0, strict=True))
+    if cfg.guide is not None:
+        from pnnh.train.regularizers import parse_guide  # it imports this module
+
+        parse_guide(_as_str("guide", cfg.guide))
+        if cfg.compile:
+            raise ConfigError("guide needs the target's layer outputs (forward hooks): run it without compile")
     for name in ("weight_decay", "coder_weight_decay", "warmup_epochs"):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_float(name, getattr(cfg, name), 0.0))

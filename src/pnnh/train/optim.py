@@ -1,6 +1,6 @@
 """Optimizer parameter groups and the learning-rate schedule.
 
-Parameter groups (one list, at most four groups, empty ones dropped, in this order):
+Parameter groups (one list, at most five groups, empty ones dropped, in this order):
 
 =================  ===========================  =========================
 name               parameters                   lr / weight decay
@@ -9,10 +9,13 @@ name               parameters                   lr / weight decay
 ``no_decay``       norm scales, biases (ndim<=1) lr / 0
 ``coder``          PNNH coder weights           lr*coder_lr_scale / coder_weight_decay
 ``coder_no_decay`` coder norms and biases       lr*coder_lr_scale / 0
+``scalar``         Fixup scalars                lr*scalar_lr_scale / 0
 =================  ===========================  =========================
 
 A parameter belongs to the coder when its name contains "coder" (the models' convention for
 the weights PNNH shares across layers); a shared Parameter appears once, under its first name.
+A parameter is a Fixup scalar when its name contains "fixup_scalar" (pnnh.models.baselines):
+the Fixup paper trains its scalar biases and multipliers at 1/10 of the base rate.
 Decaying a norm scale or bias only pulls it towards zero without regularising the function
 (with BatchNorm the output is invariant to the scale of the weight before it, not of these).
 """
@@ -36,7 +39,7 @@ GROUP_OF = {  # (is coder, decays) -> group name
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, coder_lr_scale: float = 1.0,
-                 coder_weight_decay: float | None = None) -> list[dict[str, Any]]:
+                 coder_weight_decay: float | None = None, scalar_lr_scale: float = 0.1) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into the groups in the module docstring."""
     coder_wd = weight_decay if coder_weight_decay is None else coder_weight_decay
     specs = {
@@ -44,12 +47,14 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, coder_lr_scal
         "no_decay": (lr, 0.0),
         "coder": (lr * coder_lr_scale, coder_wd),
         "coder_no_decay": (lr * coder_lr_scale, 0.0),
+        "scalar": (lr * scalar_lr_scale, 0.0),
     }
     members: dict[str, list[nn.Parameter]] = {name: [] for name in specs}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        members[GROUP_OF[("coder" in name, p.ndim > 1)]].append(p)
+        group = "scalar" if "fixup_scalar" in name else GROUP_OF[("coder" in name, p.ndim > 1)]
+        members[group].append(p)
     return [
         {"name": name, "params": members[name], "lr": g_lr, "weight_decay": wd}
         for name, (g_lr, wd) in specs.items()
@@ -59,7 +64,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, coder_lr_scal
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, nesterov) or AdamW (momentum = beta1) over ``param_groups``."""
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.coder_lr_scale, cfg.coder_weight_decay)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.coder_lr_scale, cfg.coder_weight_decay,
+                          cfg.scalar_lr_scale)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))

@@ -162,6 +162,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
+    extras = _Extras(model, cfg, splits, device)
     state = _RunState()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -200,7 +201,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
         train_loader.set_epoch(epoch)
         try:
             stats = _train_epoch(step_model, model, train_loader, optimizer, scheduler, cfg, device, epoch,
-                                 state, total_steps, progress and is_main)
+                                 state, total_steps, progress and is_main, extras)
         except _NonFiniteLoss as err:
             raise _diverged(err, epoch, steps_per_epoch, state, out, params, is_main) from None
         record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
@@ -229,9 +230,33 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     return result
 
 
+class _Extras:
+    """The optional training-loss and gradient additions (pnnh.train.regularizers)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, splits: Any, device: torch.device):
+        from pnnh.train.regularizers import GradientNoise, Guidance, build_guide
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.noise = GradientNoise(cfg.grad_noise, seed=cfg.seed) if cfg.grad_noise is not None else None
+        self.guidance = None
+        if cfg.guide is not None:
+            guide = build_guide(cfg.guide, num_classes=splits.num_classes, in_chans=splits.in_chans,
+                                img_size=splits.img_size).to(device)
+            if cfg.channels_last:
+                guide.to(memory_format=torch.channels_last)
+            self.guidance = Guidance(model, guide, cfg.guide_weight)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor | float:
+        return self.guidance.loss(x) if self.guidance is not None else 0.0
+
+    def after_backward(self, step: int) -> None:
+        if self.noise is not None:
+            self.noise.add_(self.params, step)
+
+
 def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
                  scheduler: Any, cfg: TrainConfig, device: torch.device, epoch: int, state: _RunState,
-                 total_steps: int, show: bool) -> dict[str, float]:
+                 total_steps: int, show: bool, extras: _Extras) -> dict[str, float]:
     """One pass over ``loader`` (stopping early at ``total_steps``); updates ``state``."""
     step_model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
@@ -241,13 +266,14 @@ def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer
     for batch, (x, y) in enumerate(loader, start=1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits = step_model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing) + extras.loss(x)
         loss_value = loss.item()  # one sync per step: catches divergence at the step it happens
         if not math.isfinite(loss_value):
             bar.close()
             raise _NonFiniteLoss(batch, loss_value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        extras.after_backward(state.step)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
