@@ -139,3 +139,20 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
     assert "0 <= I < N" in capsys.readouterr().err
+
+
+def test_variant_by_depth_table():
+    from pnnh.experiments.report import aggregate, table_by_depth
+
+    def cell(variant, depth, seed, acc, status="ok"):
+        return {"id": f"{variant}-d{depth}-s{seed}", "variant": variant, "family": variant, "depth": depth,
+                "seed": seed, "status": status, "test_acc": acc if status == "ok" else None, "val_acc": None,
+                "params": 1000 * depth, "images_per_s": 500.0, "reason": ""}
+
+    cells = [cell("plain", 8, 0, 0.80), cell("plain", 8, 1, 0.82), cell("plain", 56, 0, 0.5),
+             cell("fixup", 8, 0, 0.9), cell("fixup", 56, 0, None, status="failed")]
+    table = table_by_depth(aggregate(cells)).splitlines()
+    assert table[0].startswith("| variant | depth 8: accuracy") and "depth 56" in table[0]
+    assert table[2] == "| plain | 81.00 ± 1.41 · 0.01M · 500 | 50.00 · 0.06M · 500 |"
+    assert table[3] == "| fixup | 90.00 · 0.01M · 500 | failed |"
+    assert table_by_depth(aggregate(cells[:2])) is None  # one variant, one depth: nothing to pivot

@@ -64,6 +64,30 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_by_depth(rows: list[dict]) -> str | None:
+    """Variant x depth: test accuracy, parameters and training images/s side by side (the view
+    of a baselines sweep); ``None`` for a sweep with a single depth or a single variant."""
+    depths = sorted({r["depth"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if len(depths) < 2 or len(variants) < 2:
+        return None
+    at = {(r["variant"], r["depth"]): r for r in rows}
+    lines = ["| variant | " + " | ".join(f"depth {d}: accuracy · params · images/s" for d in depths) + " |",
+             "|---|" + "---:|" * len(depths)]
+    for v in variants:
+        cells = []
+        for d in depths:
+            r = at.get((v, d))
+            if r is None or r["acc_mean"] is None:
+                cells.append("—" if r is None else "failed")
+                continue
+            std = f" ± {r['acc_std']:.2f}" if r["finished"] > 1 else ""
+            params = f"{r['params'] / 1e6:.2f}M" if r["params"] else "—"
+            cells.append(f"{r['acc_mean']:.2f}{std} · {params} · {r['images_per_s']:.0f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out: str | Path) -> Path:
     """Write the report files for the sweep in ``out``; return the path of report.md."""
     out = Path(out)
@@ -88,6 +112,9 @@ def write_report(out: str | Path) -> Path:
         "the validation column when there is one; the test column is for final comparisons.", "",
         table_markdown(rows), "",
     ]
+    wide = table_by_depth(rows)
+    if wide is not None:
+        text += ["The same, one row per variant:", "", wide, ""]
     if failed:
         text += ["Cells that did not finish:", ""] + [f"- {f}" for f in failed] + [""]
     text += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
