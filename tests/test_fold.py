@@ -90,6 +90,14 @@ def test_fold_matches_every_pnnh_design_option(options, digits):
         assert type(act) is type(layer.act) and act is not layer.act
 
 
+def test_fold_dirac_net_merges_dirac_kernel_and_batchnorm(digits):
+    from pnnh.models.baselines import DiracConv2d
+
+    model, folded = assert_folds("dirac8", digits, width=8)
+    assert any(isinstance(m, DiracConv2d) for m in model.modules())
+    assert not any(isinstance(m, DiracConv2d) for m in folded.modules())
+
+
 def test_folded_pnnh56_is_a_plain_chain_with_fewer_ops(digits):
     model = trained_like(pnnh.create_model("pnnh56", in_chans=1, img_size=IMG), digits[:64])
     folded = fold(model)

@@ -203,38 +203,28 @@ def fixup_block(convs: list[Conv], num_branches: int) -> ScaledResidualBlock:
     return ScaledResidualBlock(first, second, _shortcut(i, o, s * s2), nn.Identity(), nn.ReLU(inplace=True))
 
 
-class BlockNet(ConvNet):
-    """A :class:`ConvNet` whose body blocks list their own hidden layers (``feature_layers(prefix)``)."""
-
-    def feature_layers(self) -> list[tuple[str, nn.Module]]:
-        layers = [("stem", self.stem)]
-        for n, m in enumerate(self.body):
-            layers += m.feature_layers(f"body.{n}") if hasattr(m, "feature_layers") else [(f"body.{n}", m)]
-        return layers
-
-
 def _residual_net(block: Callable[[list[Conv]], nn.Module], stem: nn.Module, stages: list[list[list[Conv]]],
-                  num_classes: int) -> BlockNet:
+                  num_classes: int) -> ConvNet:
     out_ch = stages[-1][-1][-1][1]
-    return BlockNet(stem, [block(convs) for blocks in stages for convs in blocks], out_ch, num_classes)
+    return ConvNet(stem, [block(convs) for blocks in stages for convs in blocks], out_ch, num_classes)
 
 
 def skipinit_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
-                    img_size: int = 32) -> BlockNet:
+                    img_size: int = 32) -> ConvNet:
     """SkipInit ResNet (De & Smith 2020): basic blocks, no BatchNorm, branch scalar alpha = 0."""
     stem = nn.Sequential(_conv(in_chans, width), nn.ReLU(inplace=True))
     return _residual_net(skipinit_block, stem, cifar_stages(depth, width), num_classes)
 
 
 def rezero_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
-                  img_size: int = 32) -> BlockNet:
+                  img_size: int = 32) -> ConvNet:
     """ReZero ResNet (Bachlechner et al. 2020): x + a F(x), a = 0 at init, no normalization."""
     stem = nn.Sequential(_conv(in_chans, width), nn.ReLU(inplace=True))
     return _residual_net(rezero_block, stem, cifar_stages(depth, width), num_classes)
 
 
 def fixup_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
-                 img_size: int = 32) -> BlockNet:
+                 img_size: int = 32) -> ConvNet:
     """Fixup ResNet (Zhang, Dauphin, Ma 2019): no normalization, L = 3n branches scaled by
     L^(-1/2), zero-init last branch conv and head, scalar biases before every conv, activation
     and the head, a scalar multiplier per branch (parameter names contain ``fixup_scalar``)."""
@@ -274,6 +264,16 @@ class DiracConv2d(nn.Module):
 
     def forward(self, x):
         return F.conv2d(x, self.combined_weight(), None, self.stride, self.padding)
+
+    def fold(self) -> nn.Conv2d:
+        """The same convolution as an ``nn.Conv2d`` holding the combined kernel (``pnnh.fold``
+        then folds the BatchNorm after it)."""
+        weight = self.combined_weight().detach()
+        out_ch, in_ch, k, _ = weight.shape
+        conv = nn.Conv2d(in_ch, out_ch, k, self.stride, self.padding, bias=False, device=weight.device,
+                         dtype=weight.dtype)
+        conv.weight.data.copy_(weight)
+        return conv
 
 
 def dirac(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16, img_size: int = 32,
@@ -375,7 +375,7 @@ class FixedRandomLift(nn.Module):
         return F.conv2d(x, self.weight[:, :, None, None])
 
 
-class HourglassMLP(BlockNet):
+class HourglassMLP(ConvNet):
     family = "mlp"
 
 
