@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,79 +21,7 @@ from pnnh.data import cli as data_cli
 from pnnh.data import datasets as datasets_module
 from pnnh.data.formats import read_idx, safe_extract_tar
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-
-
-@pytest.fixture(scope="session")
-def fashion_dir() -> Path:
-    """Debian's Fashion-MNIST; a failure on CI, a skip elsewhere, when it is missing."""
-    missing = [f for f in FASHION_FILES if not (FASHION / f).is_file()]
-    if missing:
-        msg = f"Fashion-MNIST files {missing} missing in {FASHION}: apt-get install dataset-fashion-mnist"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return FASHION
-
-
-@pytest.fixture(scope="session")
-def fashion(fashion_dir):
-    return load_dataset("fashion-mnist", data_dir=fashion_dir)
-
-
-@pytest.fixture(autouse=True)
-def isolated_env(monkeypatch, tmp_path):
-    """A user's $PNNH_DATA or download cache must not change what these tests find."""
-    monkeypatch.delenv("PNNH_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-# --- writers of the real on-disk formats, shared with test_download ----------------------
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file: 00 00 <type> <ndim>, big-endian dims, big-endian data."""
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-
-
-def cifar_arrays(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, num_classes, n).tolist()
-
-
-def write_cifar10(root: Path, per_batch: int = 6, n_test: int = 8) -> Path:
-    """cifar-10-batches-py as the real "python version": pickled dicts with bytes keys."""
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        data, labels = cifar_arrays(n_test if name == "test_batch" else per_batch, 10, i)
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"img{j}.png".encode() for j in range(len(labels))]}
-        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
-    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % k for k in range(10)]}, protocol=2))
-    return d
-
-
-def write_cifar100(root: Path) -> Path:
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    for i, name in enumerate(["train", "test"]):
-        data, fine = cifar_arrays(30 if name == "train" else 10, 100, 10 + i)
-        coarse = [f // 5 for f in fine]
-        (d / name).write_bytes(pickle.dumps({b"data": data, b"fine_labels": fine, b"coarse_labels": coarse},
-                                            protocol=2))
-    return d
-
-
-def tar_gz(src_dir: Path, archive: Path) -> Path:
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src_dir, arcname=src_dir.name)
-    return archive
-
+from datafiles import FASHION_FILES, tar_gz, write_cifar10, write_cifar100, write_idx
 
 # --- Fashion-MNIST and IDX ---------------------------------------------------------
 

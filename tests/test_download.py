@@ -13,7 +13,7 @@ import torch
 
 from pnnh.data import ChecksumError, DownloadError, download, load_dataset
 from pnnh.data.download import SHA256
-from test_data import FASHION_FILES, fashion_dir, isolated_env, tar_gz, write_cifar10  # noqa: F401
+from datafiles import FASHION_FILES, tar_gz, write_cifar10
 
 # Debian's dataset-fashion-mnist ships the official images and labels, but re-gzipped
 # (no file name in the gzip header: each file is 23-24 bytes shorter than the official

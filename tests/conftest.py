@@ -1,0 +1,34 @@
+"""Fixtures shared by the test modules: Debian's Fashion-MNIST and an isolated data environment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from datafiles import FASHION, FASHION_FILES
+from pnnh.data import load_dataset
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """Debian's Fashion-MNIST; a failure on CI, a skip elsewhere, when it is missing."""
+    missing = [f for f in FASHION_FILES if not (FASHION / f).is_file()]
+    if missing:
+        msg = f"Fashion-MNIST files {missing} missing in {FASHION}: apt-get install dataset-fashion-mnist"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return FASHION
+
+
+@pytest.fixture(scope="session")
+def fashion(fashion_dir):
+    return load_dataset("fashion-mnist", data_dir=fashion_dir)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path):
+    """A user's $PNNH_DATA or download cache must not change what these tests find."""
+    monkeypatch.delenv("PNNH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
