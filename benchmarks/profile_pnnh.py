@@ -1,30 +1,25 @@
-"""Where the time of a PNNH training step goes, and which layer implementation would be faster.
+"""Where the time of a PNNH training step goes, and which layer implementation is faster.
 
 1. torch.profiler tables (self CPU time per op, forward + backward + SGD step) for resnet56,
    plain56 and pnnh56 training steps: bf16 autocast, channels_last, batch 128.
-2. Training images/s of candidate PNNH layer implementations, interleaved in one process
-   (pnnh.experiments.bench), ratio to resnet56. Candidates are applied to model instances
-   here; src/pnnh/models is not changed:
+2. Training images/s of PNNH layer implementations, interleaved in one process
+   (pnnh.experiments.bench), ratio to resnet56. Variants are applied to model instances here;
+   src/pnnh/models is not changed:
 
-   - ``pnnh56``           the current layer: cat([K, W]) every step, BN, in-place ReLU on the
-                          learner channel slice (autograd records it as CopySlices);
-   - ``pnnh56-clamp``     the same function with the partial ReLU as one dense op,
-                          ``clamp(y, min=floor)``, floor = -inf on coder channels, 0 on learners;
-   - ``pnnh56-nocat``     every layer holds its own copy of cat([K, W]) (no sharing, no cat):
-                          isolates what the per-step cat costs (a speed bound, not PNNH);
-   - ``pnnh56-fullrelu``  ReLU on every channel (a speed bound, not PNNH);
-   - ``pnnh56-ll``        the looks-linear form (coder_form="looks-linear"), a vanilla
-                          conv-BN-ReLU chain by construction;
-   - ``pnnh56-nchw``      the current layer in the contiguous (NCHW) memory format, where a
-                          channel slice is one contiguous block per image instead of a strided
-                          piece of every pixel.
+   - ``pnnh56``        the current layer: the 1x1 coder as its own conv, the learner's 3x3 conv,
+                       BatchNorm + ReLU on the learner tensor, one concat (0.55x resnet's FLOPs);
+   - ``pnnh56-fused``  the same function as ONE conv with weight cat([K padded to 3x3, W]), then
+                       BatchNorm on the learner channel slice, a concat and ReLU on the slice
+                       (the FLOPs of resnet56; ``PNNHConv.forward_fused``);
+   - ``pnnh56-nchw``   the current layer in the contiguous (NCHW) memory format.
 
-3. A microbenchmark of the activation alone (forward + backward, bf16, batch 128, the three
-   stage shapes of a CIFAR net) for each implementation, in channels_last and NCHW.
+3. A microbenchmark of BatchNorm + ReLU alone (forward + backward, bf16, batch 128) on the
+   learner tensors of pnnh56 (half width) and the full-width tensors of resnet56, in
+   channels_last and NCHW: per element, where the extra time of channels_last goes.
 
     python benchmarks/profile_pnnh.py [--batch-size 128] [--repeats 5] [--threads 1] [--out runs/bench/profile_pnnh]
 
-Writes profile_<model>.txt, speed.json, speed.png and activation.json to --out.
+Writes profile_<model>.txt, speed.json, speed.png and norm_act.json to --out.
 """
 from __future__ import annotations
 
@@ -40,106 +35,48 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave, paired_ratio, timed
-from pnnh.models.layers import PartialReLU, PNNHConv
+from pnnh.models.layers import PNNHConv
 from pnnh.train.checkpoint import atomic_write, atomic_write_text
 
 
-class ClampPartialReLU(nn.Module):
-    """``clamp(y, min=floor)``: identity on coder channels (floor -inf), ReLU on the learner channels
-    (floor 0). One dense elementwise op: no strided channel slice, no CopySlices in backward."""
-
-    def __init__(self, start: int, channels: int):
-        super().__init__()
-        floor = torch.zeros(1, channels, 1, 1)
-        floor[:, :start] = float("-inf")
-        self.register_buffer("floor", floor)
-
-    def forward(self, y):
-        return torch.clamp(y, min=self.floor.to(y.dtype))  # same dtype: no promotion to fp32 under autocast
-
-
-class OwnWeight(nn.Module):
-    """A PNNH layer whose fused weight is a parameter of its own (no per-step cat, no sharing)."""
-
-    def __init__(self, layer: PNNHConv):
-        super().__init__()
-        self.weight = nn.Parameter(layer.fused_weight().detach().clone())
-        self.stride, self.padding, self.norm, self.act = layer.stride, layer.padding, layer.norm, layer.act
-
-    def forward(self, h):
-        return self.act(self.norm(F.conv2d(h, self.weight, None, self.stride, self.padding)))
-
-
-class MaskedIdentity(torch.autograd.Function):
-    """Partial ReLU as ``y * (y > floor)`` with the boolean mask saved for a one-op backward."""
-
-    @staticmethod
-    def forward(ctx, y, floor):
-        mask = y > floor
-        ctx.save_for_backward(mask)
-        return y * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
-def activation_micro(repeats: int = 5, calls: int = 5) -> list[dict]:
-    """ms per forward + backward of each partial-ReLU implementation (median of ``repeats``)."""
+def norm_act_micro(repeats: int = 5, calls: int = 5) -> list[dict]:
+    """ms per forward + backward of BatchNorm + ReLU (median of ``repeats``) on the three stage
+    shapes of a 32x32 CIFAR net, at resnet's width and at PNNH's learner width (half)."""
     rows = []
-    for channels, side in ((16, 32), (32, 16), (64, 8)):
-        start = channels // 2
-        floor = torch.zeros(1, channels, 1, 1, dtype=torch.bfloat16)
-        floor[:, :start] = float("-inf")
-        slope = (torch.arange(channels) < start).to(torch.bfloat16)  # prelu: slope 1 = identity, 0 = ReLU
-        impls = {
-            "slice relu_ (current)": PartialReLU(start),
-            "clamp floor": lambda y: torch.clamp(y, min=floor),
-            "autograd mask": lambda y: MaskedIdentity.apply(y, floor),
-            "prelu 0/1 slope": lambda y: F.prelu(y, slope),
-            "full relu (bound)": nn.ReLU(inplace=True),
-        }
-        for fmt_name, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
-            x = torch.randn(128, channels, side, side).to(torch.bfloat16).contiguous(memory_format=fmt)
-            x.requires_grad_()
-            grad = torch.randn_like(x)
-            for name, act in impls.items():
+    for full, side in ((16, 32), (32, 16), (64, 8)):
+        for channels, who in ((full, "resnet (full width)"), (full // 2, "pnnh learner (half)")):
+            bn = nn.BatchNorm2d(channels).to(torch.bfloat16)
+            for fmt_name, fmt in (("channels_last", torch.channels_last), ("nchw", torch.contiguous_format)):
+                x = torch.randn(128, channels, side, side).to(torch.bfloat16).contiguous(memory_format=fmt)
+                x.requires_grad_()
+                grad = torch.randn_like(x)
+
                 def call():
-                    act(x * 1.0).backward(grad)  # x * 1.0: a fresh non-leaf input, as BN's output is
+                    F.relu(bn(x * 1.0)).backward(grad)  # x * 1.0: a fresh non-leaf input, as a conv output is
                     x.grad = None
                 call()
                 times = [timed(call, calls, torch.device("cpu")) / calls * 1e3 for _ in range(repeats)]
-                rows.append({"channels": channels, "side": side, "format": fmt_name, "impl": name,
-                             "ms": statistics.median(times)})
+                ms = statistics.median(times)
+                rows.append({"stage_width": full, "channels": channels, "side": side, "who": who, "format": fmt_name,
+                             "ms": ms, "ns_per_element": ms * 1e6 / x.numel()})
     return rows
 
 
 def _replace_layers(model: nn.Module, make) -> None:
-    for i, layer in enumerate(model.body):
+    for layer in model.body:
         if isinstance(layer, PNNHConv):
-            model.body[i] = make(layer)
+            make(layer)
 
 
-def _clamp(layer: PNNHConv) -> PNNHConv:
-    assert isinstance(layer.act, PartialReLU)
-    layer.act = ClampPartialReLU(layer.act.start, layer.norm.num_features)
-    return layer
-
-
-def _full_relu(layer: PNNHConv) -> PNNHConv:
-    layer.act = nn.ReLU(inplace=True)
-    return layer
+def _fused(layer: PNNHConv) -> None:
+    layer.forward = layer.forward_fused  # an instance attribute: nn.Module.__call__ uses it
 
 
 VARIANTS = {  # name: (registered model, model kwargs, layer rewrite or None, channels_last or None = setting's)
     "resnet56": ("resnet56", {}, None, None),
     "plain56": ("plain56", {}, None, None),
     "pnnh56": ("pnnh56", {}, None, None),
-    "pnnh56-clamp": ("pnnh56", {}, _clamp, None),
-    "pnnh56-nocat": ("pnnh56", {}, OwnWeight, None),
-    "pnnh56-fullrelu": ("pnnh56", {}, _full_relu, None),
-    "pnnh56-ll": ("pnnh56", {"coder_form": "looks-linear"}, None, None),
+    "pnnh56-fused": ("pnnh56", {}, _fused, None),
     "pnnh56-nchw": ("pnnh56", {}, None, False),
 }
 
@@ -161,10 +98,11 @@ def build(name: str, setting: Setting, cfg: BenchConfig) -> ModelBench:
 
 
 def check_same_function(cfg: BenchConfig) -> float:
-    """Max abs difference of pnnh56 and pnnh56-clamp logits (same weights, train mode, fp32)."""
+    """Max abs difference of pnnh56 and pnnh56-fused logits (same weights, train mode, fp32)."""
     torch.manual_seed(0)
     a = build("pnnh56", Setting("fp32"), cfg).model
-    b = build("pnnh56-clamp", Setting("fp32"), cfg).model
+    b = build("pnnh56-fused", Setting("fp32"), cfg).model
+    b.load_state_dict(a.state_dict())
     x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     return (a(x) - b(x)).abs().max().item()
 
@@ -189,10 +127,10 @@ def main() -> None:
     cfg = BenchConfig(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats)
     names = args.variants.split(",")
     benches = [build(n, setting, cfg) for n in names]
-    print(f"pnnh56 vs pnnh56-clamp, max |logits diff| (fp32): {check_same_function(cfg):.2g}")
+    print(f"pnnh56 vs pnnh56-fused, max |logits diff| (fp32): {check_same_function(cfg):.2g}")
 
     for b in tqdm(benches, desc="profiling", unit="model"):
-        if b.name not in ("resnet56", "plain56", "pnnh56", "pnnh56-clamp"):
+        if b.name not in ("resnet56", "plain56", "pnnh56", "pnnh56-fused"):
             continue
         b.model.train()
         b.train_step()  # warm-up outside the trace
@@ -218,13 +156,16 @@ def main() -> None:
             "repeats": args.repeats, "threads": torch.get_num_threads()}
     atomic_write_text(out / "speed.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
 
-    micro = activation_micro()
-    print("\nactivation alone, forward + backward, bf16, batch 128 (ms, median of 5):")
-    print(f"{'impl':<24} " + " ".join(f"{c}ch@{s}px {f[:5]:>5}" for c, s, f in
-                                       dict.fromkeys((r["channels"], r["side"], r["format"]) for r in micro)))
-    for impl in dict.fromkeys(r["impl"] for r in micro):
-        print(f"{impl:<24} " + " ".join(f"{r['ms']:>16.2f}" for r in micro if r["impl"] == impl))
-    atomic_write_text(out / "activation.json", json.dumps(micro, indent=2) + "\n")
+    micro = norm_act_micro()
+    print("\nBatchNorm + ReLU alone, forward + backward, bf16, batch 128 (ns per element, median of 5):")
+    print(f"{'tensor':<34} {'channels_last':>14} {'nchw':>8}")
+    for r in micro:
+        if r["format"] == "channels_last":
+            nchw = next(q for q in micro if q["format"] == "nchw" and q["channels"] == r["channels"]
+                        and q["side"] == r["side"])
+            label = f"{r['who']} {r['channels']}ch@{r['side']}px"
+            print(f"{label:<34} {r['ns_per_element']:>14.2f} {nchw['ns_per_element']:>8.2f}")
+    atomic_write_text(out / "norm_act.json", json.dumps(micro, indent=2) + "\n")
 
     import matplotlib
 
@@ -240,7 +181,7 @@ def main() -> None:
     ax.set_xlabel(f"training images/s ({setting.label}, batch {args.batch_size}; median, min-max)")
     fig.tight_layout()
     atomic_write(out / "speed.png", lambda f: fig.savefig(f, format="png", dpi=110))
-    print(f"wrote {out}/speed.json, speed.png, profile_*.txt")
+    print(f"wrote {out}/speed.json, speed.png, norm_act.json, profile_*.txt")
 
 
 if __name__ == "__main__":
