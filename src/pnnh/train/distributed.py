@@ -147,6 +147,18 @@ def barrier() -> None:
             dist.barrier()
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place.
+
+    DDP broadcasts them at the start of each training forward, so after the last step of an
+    epoch each rank still holds the statistics of its own last batch; evaluation and the
+    checkpoint (rank 0's) must all use rank 0's. No-op in a single process.
+    """
+    if rank_and_world()[1] > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and give its result, or its ``ConfigError``, to every rank.
 

@@ -245,6 +245,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
             raise _diverged(err, epoch, steps_per_epoch, state, out, params, is_main) from None
         record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
                   "train_acc": stats["train_acc"]}
+        ddp.broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
         for name, loader in eval_loaders.items():
             record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(eval_model, loader, cfg, device)
         record.update(lr=stats["lr"], images_per_s=stats["images_per_s"], seconds=state.seconds)
