@@ -9,7 +9,8 @@ covers several trainings. Each rank writes RESULTS_DIR/rank<R>.json: one entry p
 - ``{"kind": "train", "config": {...}}``: ``pnnh.train(config)``.
 - ``{"kind": "coder_grad", "model_kwargs": {...}, "batch": B, "seed": S}``: one DDP
   forward/backward of pnnh20 with a trainable shared coder on this rank's half of a fixed
-  batch of 2B random images; the gradients go to RESULTS_DIR/grads_rank<R>.pt.
+  batch of 2B random images; the gradients go to RESULTS_DIR/grads_rank<R>.pt, the batch to
+  RESULTS_DIR/grad_batch.pt.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def coder_grad(job: dict, results: Path) -> dict:
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.save(grads, results / f"grads_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"x": x, "y": y}, results / "grad_batch.pt")
     return {"params_with_grad": sorted(grads)}
 
 

@@ -208,15 +208,15 @@ def test_shared_trainable_coder_gets_one_identical_gradient_on_every_rank(runs):
         assert torch.equal(grads[0][key], grads[1][key]), key  # all-reduced: bit-identical
     # Reference: the gradient of the mean of the two ranks' losses, computed in one process
     # (each half through the BatchNorms on its own, as on its rank).
-    from dist_worker import fixed_batch  # noqa: E402  (tests/ is on sys.path under pytest)
-
     torch.manual_seed(3)
     model = create_model("pnnh20", num_classes=10, in_chans=1, img_size=28, width=8, coder_trainable=True)
     shared = {id(m.coder.weight) for m in model.modules() if hasattr(m, "coder") and hasattr(m.coder, "weight")}
     uses = [sum(getattr(getattr(m, "coder", None), "weight", None) is p for m in model.modules())
             for n, p in model.named_parameters() if "coder" in n]
     assert len(shared) == len(coder) and max(uses) > 1  # the checked coders are shared by several layers
-    x, y = fixed_batch(3, 16)
+    batch = torch.load(root / "grad_batch.pt", weights_only=True)
+    x, y = batch["x"], batch["y"]
+    assert len(x) == 16
     loss = (F.cross_entropy(model(x[:8]), y[:8]) + F.cross_entropy(model(x[8:]), y[8:])) / 2
     loss.backward()
     for name, p in model.named_parameters():
@@ -312,3 +312,19 @@ def test_sync_batchnorm_conversion_reaches_partial_batchnorm():
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()) == n_bn
     assert all(isinstance(m.bn, nn.SyncBatchNorm) for m in partial)
     assert set(converted.state_dict()) == keys  # checkpoints stay interchangeable
+
+
+def test_gpu_launch_is_checked_before_the_process_group_starts(monkeypatch):
+    # No GPU here: pretend one is visible to check the NCCL-path validation of init_distributed.
+    from pnnh.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 needs GPU cuda:1 but only 1 CUDA device"):
+        distributed.init_distributed("cuda", timeout=5)
+    with pytest.raises(ConfigError, match=r"device 'cuda:0' names one GPU.*pass --device cuda"):
+        distributed.init_distributed("cuda:0", timeout=5)
+    assert not torch.distributed.is_initialized()

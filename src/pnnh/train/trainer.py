@@ -116,6 +116,10 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     after the epoch saved in ``<out>/last.pt``. ``progress`` shows a tqdm bar and one summary
     line per epoch. Raises ``ConfigError`` for a bad config (before anything is written) and
     ``TrainingDiverged`` when the loss becomes non-finite.
+
+    Started by torchrun with several processes, it creates the process group (unless the caller
+    already did) and destroys it at the end; ``batch_size`` is then the global batch. A failed
+    collective (a rank died or exceeded ``dist_timeout``) raises ``DistributedError``.
     """
     cfg = load_config(config)
     if resume and cfg.out is None:
