@@ -70,16 +70,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], *, fault: str | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """``python -m torch.distributed.run --nproc-per-node 2 ARGS`` on 127.0.0.1; (process, seconds)."""
+def launch_env_vars(fault: str | None = None) -> dict[str, str]:
+    """The environment of a launched job: one thread, this checkout's pnnh, optional fault."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("PNNH_FAULT", None)
     if fault:
         env["PNNH_FAULT"] = fault
+    return env
+
+
+def torchrun(args: list[str], *, fault: str | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m torch.distributed.run --nproc-per-node 2 ARGS`` on 127.0.0.1; (process, seconds)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *args]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=launch_env_vars(fault), capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
 
 
@@ -259,6 +264,25 @@ def test_killed_rank_ends_the_job_and_resume_completes_it(runs, tmp_path):
     proc, _ = torchrun(["-m", "pnnh", "train", "--resume", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done:") == 1  # rank 0 alone reports
+    assert_same_run(out, runs["root"] / "pnnh_vit_tiny-1p")
+
+
+def test_two_machine_rendezvous_matches_one_process(runs, tmp_path):
+    # Two torchrun agents (as on two machines, one process each) meet through c10d rendezvous.
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "pnnh-test",
+           "-m", "pnnh", "train", *VIT_FLAGS, "--out", str(out)]
+    agents = [subprocess.Popen(cmd, env=launch_env_vars(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=120) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(stdout.count("done:") for stdout, _ in outputs) == 1  # global rank 0 alone reports
     assert_same_run(out, runs["root"] / "pnnh_vit_tiny-1p")
 
 
