@@ -352,3 +352,15 @@ def test_gpu_launch_is_checked_before_the_process_group_starts(monkeypatch):
     with pytest.raises(ConfigError, match=r"device 'cuda:0' names one GPU.*pass --device cuda"):
         distributed.init_distributed("cuda:0", timeout=5)
     assert not torch.distributed.is_initialized()
+
+
+def test_fault_injection_is_inert_unless_set_and_checks_its_spec(monkeypatch):
+    from pnnh.train.distributed import fault_point
+
+    monkeypatch.delenv("PNNH_FAULT", raising=False)
+    fault_point(1)  # unset: nothing happens
+    monkeypatch.setenv("PNNH_FAULT", "exit:1:2")
+    fault_point(2)  # this process is rank 0 of 1: not the targeted rank
+    monkeypatch.setenv("PNNH_FAULT", "crash:1")
+    with pytest.raises(ValueError, match=r"PNNH_FAULT='crash:1' is not valid: use exit:RANK:STEP or hang:RANK:STEP"):
+        fault_point(1)

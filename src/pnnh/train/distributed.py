@@ -240,7 +240,10 @@ def fault_point(step: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    kind, rank, at = spec.split(":")
+    kind, _, rest = spec.partition(":")
+    rank, _, at = rest.partition(":")
+    if kind not in ("exit", "hang") or not rank.isdigit() or not at.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r} is not valid: use exit:RANK:STEP or hang:RANK:STEP")
     if int(rank) == rank_and_world()[0] and int(at) == step:
         print(f"{FAULT_ENV}: rank {rank} {'exits' if kind == 'exit' else 'hangs'} before step {step}",
               file=sys.stderr, flush=True)
