@@ -24,7 +24,7 @@ HELP = {
     "data_dir": "directory holding the dataset files",
     "download": "download the dataset if it is missing",
     "epochs": "number of epochs (default 10)",
-    "batch_size": "training batch size (default 128)",
+    "batch_size": "global training batch size, split evenly over the processes of a torchrun job (default 128)",
     "lr": "peak learning rate (default: family default, scaled per 128 images)",
     "optimizer": f"one of {', '.join(OPTIMIZERS)} (default: sgd for CNNs, adamw otherwise)",
     "momentum": "SGD momentum, or AdamW beta1 (default 0.9)",
@@ -33,6 +33,8 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N (default auto = cuda if available)",
     "channels_last": "channels-last memory format (default: on for CNNs)",
     "compile": "torch.compile the model",
+    "sync_bn": "multi-process runs: BatchNorm statistics over the global batch (SyncBatchNorm; needs CUDA)",
+    "dist_timeout": "multi-process runs: seconds a rank waits for the others before failing (default 300)",
     "img_size": "resize images to this side in pixels",
     "train_subset": "train on a class-balanced subset of this many images",
     "test_subset": "evaluate on a class-balanced subset of this many test images",
@@ -104,17 +106,31 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``pnnh train``; exit status 0 ok, 1 diverged, 2 bad configuration."""
+    """Run ``pnnh train``; exit status 0 ok, 1 diverged or lost a peer process, 2 bad configuration.
+
+    Under torchrun only rank 0 prints (every rank meets the same config error or divergence),
+    except for a failed collective, which each surviving rank reports.
+    """
+    from pnnh.train.distributed import DistributedError, launch_env
     from pnnh.train.trainer import TrainingDiverged, train
 
+    main = True  # a bad launch environment is reported by every process
     try:
+        main = launch_env()[0] == 0
         result = train(config_from_args(args), resume=args.resume)
     except ConfigError as err:
-        print(f"pnnh train: error: {err}", file=sys.stderr)
+        if main:
+            print(f"pnnh train: error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
-        print(f"pnnh train: {err}", file=sys.stderr)
+        if main:
+            print(f"pnnh train: {err}", file=sys.stderr)
         return 1
+    except DistributedError as err:
+        print(f"pnnh train: error: {err}", file=sys.stderr)
+        return 1
+    if not main:
+        return 0
     metrics = result.metrics
     test = f"test acc {metrics['test_acc']:.2%}, " if "test_acc" in metrics else ""
     print(f"done: {test}best {result.best_acc:.2%} at epoch {result.best_epoch}, "

@@ -93,6 +93,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | str = "auto"
     compile: bool = False
+    sync_bn: bool = False
+    dist_timeout: float = 300.0
     max_steps: int | None = None
     probe_every: int = 0
     out: str | None = None
@@ -381,7 +383,7 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("data_dir", "out"):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_str(name, getattr(cfg, name)))
-    for name in ("download", "compile"):
+    for name in ("download", "compile", "sync_bn"):
         setattr(cfg, name, _as_bool(name, getattr(cfg, name)))
     if cfg.nesterov is not None:
         cfg.nesterov = _as_bool("nesterov", cfg.nesterov)
@@ -409,6 +411,7 @@ def _validate(cfg: TrainConfig) -> None:
         parse_guide(_as_str("guide", cfg.guide))
         if cfg.compile:
             raise ConfigError("guide needs the target's layer outputs (forward hooks): run it without compile")
+    cfg.dist_timeout = _as_float("dist_timeout", cfg.dist_timeout, 0.0, strict=True)
     for name in ("weight_decay", "coder_weight_decay", "warmup_epochs"):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_float(name, getattr(cfg, name), 0.0))

@@ -15,6 +15,13 @@ Every file is replaced atomically, and the metrics log is rebuilt from ``last.pt
 resume, so a kill at any moment leaves a run that ``resume=True`` continues exactly: the
 data order and augmentation are a pure function of (seed, epoch) and every other source of
 randomness is restored from the checkpoint.
+
+Under torchrun (``WORLD_SIZE`` > 1) the same loop runs in every process with
+DistributedDataParallel (see ``pnnh.train.distributed``): ``batch_size`` is the global batch,
+each rank trains on its ``batch_size / world_size`` slice of every step, evaluates its shard of
+the val/test split, and the sums (loss, correct, count) are all-reduced, so the logged metrics
+are those of the whole batch and split. Only rank 0 writes files; every rank resumes from rank
+0's checkpoint.
 """
 from __future__ import annotations
 
@@ -44,12 +51,16 @@ from pnnh.train.checkpoint import (
     set_rng_state,
 )
 from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
-from pnnh.train.distributed import rank_and_world
+from pnnh.train import distributed as ddp
+from pnnh.train.distributed import DistributedError, rank_and_world
 from pnnh.train.optim import build_optimizer, build_scheduler
 
 # Fields a resumed run may change; any other difference would splice two different runs.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "out",
-                               "data_dir", "download"})
+                               "data_dir", "download", "dist_timeout"})
+# Values of fields added after a checkpoint was written: a run saved before them used these.
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                  if f.default is not dataclasses.MISSING}
 PROBE_BATCH = 256  # test images in the fixed probe batch
 RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json"})
 
@@ -105,18 +116,39 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     after the epoch saved in ``<out>/last.pt``. ``progress`` shows a tqdm bar and one summary
     line per epoch. Raises ``ConfigError`` for a bad config (before anything is written) and
     ``TrainingDiverged`` when the loss becomes non-finite.
-    """
-    from pnnh.models import count_params, create_model
-    from pnnh.data import TensorLoader, load_dataset
 
+    Started by torchrun with several processes, it creates the process group (unless the caller
+    already did) and destroys it at the end; ``batch_size`` is then the global batch. A failed
+    collective (a rank died or exceeded ``dist_timeout``) raises ``DistributedError``.
+    """
     cfg = load_config(config)
     if resume and cfg.out is None:
         raise ConfigError("resume needs the run directory: pass --out DIR (out: in a config)")
-    cfg = dataclasses.replace(cfg, out=cfg.out or default_out_dir(cfg.model, cfg.data))
-    out = Path(cfg.out)
+    created = ddp.init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        return _train(cfg, resume, progress)
+    except RuntimeError as err:
+        if isinstance(err, DistributedError) or not ddp.is_collective_failure(err):
+            raise
+        raise ddp.collective_failure(err, cfg.dist_timeout) from err
+    finally:
+        if created:
+            ddp.destroy_distributed()
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
+    """The body of ``train`` once the process group (if any) exists."""
+    from pnnh.models import count_params, create_model
+    from pnnh.data import TensorLoader, load_dataset
+
     rank, world = rank_and_world()
     is_main = rank == 0
-    ckpt = _checkpoint_to_resume(out) if resume else _refuse_non_empty(out)
+    # Every rank names the same directory (a default name holds a timestamp: take rank 0's).
+    out = Path(ddp.on_main(lambda: cfg.out or default_out_dir(cfg.model, cfg.data)))
+    cfg = dataclasses.replace(cfg, out=str(out))
+    batch = ddp.per_rank_batch(cfg.batch_size, world)
+    # Rank 0 alone looks at the directory and loads the checkpoint; every rank gets its answer.
+    ckpt = ddp.on_main(lambda: _checkpoint_to_resume(out) if resume else _refuse_non_empty(out))
 
     _seed_everything(cfg.seed)
     try:
@@ -133,27 +165,33 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True))
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
+    if cfg.sync_bn:
+        model = ddp.convert_sync_batchnorm(model, cfg.device)
 
-    device = torch.device(cfg.device)
+    device = ddp.process_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    norm = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": cfg.channels_last}
+    norm = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": cfg.channels_last,
+            "rank": rank, "world_size": world}
     try:
-        train_loader = TensorLoader(splits.train_x, splits.train_y, cfg.batch_size, train=True,
-                                    crop_pad=cfg.crop_pad, hflip=splits.hflip, seed=cfg.seed, rank=rank,
-                                    world_size=world, **norm)
+        train_loader = TensorLoader(splits.train_x, splits.train_y, batch, train=True,
+                                    crop_pad=cfg.crop_pad, hflip=splits.hflip, seed=cfg.seed, **norm)
     except ValueError as err:  # e.g. a batch larger than the training set
-        raise ConfigError(f"cannot batch {cfg.data!r} for training: {err}") from err
-    # Evaluation keeps no activations for backward, so it affords twice the batch. Every rank
-    # evaluates the full split (correct, merely redundant, until DDP shards and all-reduces it).
+        raise ConfigError(f"cannot batch {cfg.data!r} for training with batch_size={cfg.batch_size} over "
+                          f"{world} process(es): {err}") from err
+    # Evaluation keeps no activations for backward, so it affords twice the batch. Each rank
+    # evaluates its shard of the split; _evaluate all-reduces the sums.
     eval_sets = {"test": (splits.test_x, splits.test_y)}
     if splits.val_x is not None:
         eval_sets = {"val": (splits.val_x, splits.val_y), **eval_sets}
-    eval_loaders = {name: TensorLoader(x, y, 2 * cfg.batch_size, train=False, **norm)
-                    for name, (x, y) in eval_sets.items()}
+    try:
+        eval_loaders = {name: TensorLoader(x, y, 2 * batch, train=False, **norm)
+                        for name, (x, y) in eval_sets.items()}
+    except ValueError as err:  # fewer images than ranks
+        raise ConfigError(f"cannot split the evaluation data of {cfg.data!r} over {world} processes: {err}") from err
     select = "val_acc" if "val" in eval_loaders else "test_acc"
 
     steps_per_epoch = len(train_loader)
@@ -179,9 +217,14 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
             remove_stale_temp_files(out)
             # Lines logged after last.pt was saved (a kill between the two) are dropped.
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+    ddp.barrier()  # the run directory is set up before any rank goes on
 
     params = count_params(model)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = ddp.wrap_model(model, device)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
+    # Evaluation runs each rank's shard through the bare model (no DDP collectives, so
+    # shards of unequal length are fine) and all-reduces the sums afterwards.
+    eval_model = step_model if world == 1 else torch.compile(model) if cfg.compile else model
     probe_batch = None
     if cfg.probe_every > 0:
         probe_loader = TensorLoader(splits.test_x[:PROBE_BATCH], splits.test_y[:PROBE_BATCH], PROBE_BATCH,
@@ -206,8 +249,9 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
             raise _diverged(err, epoch, steps_per_epoch, state, out, params, is_main) from None
         record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
                   "train_acc": stats["train_acc"]}
+        ddp.broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
         for name, loader in eval_loaders.items():
-            record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(step_model, loader, cfg, device)
+            record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(eval_model, loader, cfg, device)
         record.update(lr=stats["lr"], images_per_s=stats["images_per_s"], seconds=state.seconds)
         if probe_batch is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs
                                         or state.step >= total_steps):
@@ -222,11 +266,13 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
             if improved:  # best.pt before last.pt: a kill in between re-runs this epoch identically
                 save_checkpoint(out / "best.pt", snapshot)
             save_checkpoint(out / "last.pt", snapshot)
+        ddp.barrier()  # no rank runs ahead of the saved checkpoint
         say(_summary(record, cfg.epochs))
 
     result = _result(out, state, params, "ok")
     if is_main:
         atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    ddp.barrier()  # when train returns on any rank, the run's files are complete
     return result
 
 
@@ -257,17 +303,28 @@ class _Extras:
 def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
                  scheduler: Any, cfg: TrainConfig, device: torch.device, epoch: int, state: _RunState,
                  total_steps: int, show: bool, extras: _Extras) -> dict[str, float]:
-    """One pass over ``loader`` (stopping early at ``total_steps``); updates ``state``."""
+    """One pass over ``loader`` (stopping early at ``total_steps``); updates ``state``.
+
+    In a multi-process run each step's loss sum, correct count and batch size are summed over
+    the ranks, so the divergence check sees the global loss and every rank stops at the same
+    step, and the returned metrics cover the global batch.
+    """
     step_model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                dynamic_ncols=True, disable=not show)
     start = time.perf_counter()
     for batch, (x, y) in enumerate(loader, start=1):
+        ddp.fault_point(state.step + 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits = step_model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing) + extras.loss(x)
-        loss_value = loss.item()  # one sync per step: catches divergence at the step it happens
+        totals = torch.stack([loss.detach().double() * len(y), (logits.argmax(dim=1) == y).sum().double(),
+                              torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)])
+        # One sync per step (a collective in a multi-process run): catches divergence at the step
+        # it happens, on every rank alike.
+        step_loss, step_correct, step_seen = ddp.all_reduce_sum(totals).tolist()
+        loss_value = step_loss / step_seen
         if not math.isfinite(loss_value):
             bar.close()
             raise _NonFiniteLoss(batch, loss_value)
@@ -280,9 +337,9 @@ def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer
         optimizer.step()
         scheduler.step()
         state.step += 1
-        loss_sum += loss_value * len(y)
-        correct += int((logits.argmax(dim=1) == y).sum())
-        seen += len(y)
+        loss_sum += step_loss
+        correct += int(step_correct)
+        seen += int(step_seen)
         bar.update()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
                         img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
@@ -297,19 +354,23 @@ def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer
 
 @torch.no_grad()
 def _evaluate(step_model: nn.Module, loader: Any, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy over a whole split."""
+    """Mean cross-entropy (no label smoothing) and accuracy over a whole split.
+
+    ``loader`` yields this rank's shard; the sums are all-reduced over the ranks.
+    """
     step_model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
     for x, y in loader:
+        if not len(y):  # a rank's share of the last step can be empty
+            continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits = step_model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(dim=1) == y).sum()
-        seen += len(y)
+        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        totals[1] += (logits.argmax(dim=1) == y).sum()
+        totals[2] += len(y)
     step_model.train()
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_sum, correct, seen = ddp.all_reduce_sum(totals).tolist()
+    return loss_sum / seen, correct / seen
 
 
 def _probe(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
@@ -364,8 +425,8 @@ def _refuse_non_empty(out: Path) -> None:
 
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], out: Path) -> None:
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    changed = [f"{k}: {saved.get(k, FIELD_DEFAULTS.get(k))!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k not in RESUMABLE_CHANGES and saved.get(k, FIELD_DEFAULTS.get(k)) != v]
     if changed:
         raise ConfigError(f"cannot resume {out}: the config differs from the checkpoint's in "
                           f"{'; '.join(changed)}. Only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume.")
