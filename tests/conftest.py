@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from datafiles import FASHION, FASHION_FILES
 from pnnh.data import load_dataset
@@ -32,3 +33,15 @@ def isolated_env(monkeypatch, tmp_path):
     """A user's $PNNH_DATA or download cache must not change what these tests find."""
     monkeypatch.delenv("PNNH_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The machine has two shared cores: several multi-threaded torch processes (a test's training
+    subprocesses, torchrun workers) oversubscribe it and slow every step many-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

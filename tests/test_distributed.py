@@ -56,12 +56,7 @@ VIT_FLAGS = ["--model", "pnnh_vit_tiny", "--set", "width=16", "--set", "depth=2"
              "--epochs", "3", "--device", "cpu", "--precision", "fp32", "--seed", "0", "--lr", "0.01"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: see tests/test_train.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per test process
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from pnnh.models import create_model
 from pnnh.train import load_config, train
@@ -18,12 +17,7 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").gl
                  if p.name.startswith(("cifar", "imagenet")))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: see tests/test_train.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per test process
 
 
 def test_recipes_exist():

@@ -18,12 +18,7 @@ TINY = {"model": "plain8", "model_kwargs": {"width": 8}, "data": "digits", "trai
         "test_subset": 256, "epochs": 2, "batch_size": 32, "device": "cpu", "precision": "fp32", "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per test process
 
 
 def epoch_losses(out) -> list[float]:

@@ -29,14 +29,7 @@ SMALL = {"model": "resnet8", "model_kwargs": {"width": 8}, "data": "digits", "tr
          "precision": "fp32", "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two-core machine shared with other jobs: several multi-threaded torch processes
-    # oversubscribe it and slow every step many-fold; one thread each keeps runs fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread per test process
 
 
 @pytest.fixture(scope="module")
