@@ -98,8 +98,9 @@ def write_report(out: str | Path) -> Path:
     manifest = yaml.safe_load((out / "sweep.yaml").read_text()) if (out / "sweep.yaml").exists() else {}
     _write_csv(out / "results.csv", cells)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
-    plots = [plot_accuracy_vs_depth(rows, out), plot_accuracy_vs_params(rows, out), plot_throughput(rows, out),
-             plot_similarity(cells, out)]
+    colors = variant_colors(list(dict.fromkeys(r["variant"] for r in rows)))
+    plots = [plot_accuracy_vs_depth(rows, out, colors), plot_accuracy_vs_params(rows, out, colors),
+             plot_throughput(rows, out, colors), plot_similarity(cells, out, colors)]
     versions = manifest.get("versions", {})
     train = manifest.get("train", {})
     failed = [f for r in rows for f in r["failed"]]
@@ -131,6 +132,12 @@ def _write_csv(path: Path, cells: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def variant_colors(variants: list[str]) -> dict[str, tuple]:
+    """One colour per variant, the same in every plot of a report (tab10, tab20 beyond 10)."""
+    cmap, n = (plt.cm.tab10, 10) if len(variants) <= 10 else (plt.cm.tab20, 20)
+    return {v: cmap(i % n) for i, v in enumerate(variants)}
+
+
 def _by_variant(rows):
     variants: dict[str, list[dict]] = {}
     for r in rows:
@@ -146,21 +153,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_accuracy_vs_depth(rows: list[dict], out: Path) -> Path:
+def plot_accuracy_vs_depth(rows: list[dict], out: Path, colors: dict | None = None) -> Path:
+    colors = colors or variant_colors(list(_by_variant(rows)))
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, rs in _by_variant(rows).items():
         ax.errorbar([r["depth"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
-                    marker="o", capsize=3, label=variant)
+                    marker="o", capsize=3, label=variant, color=colors[variant])
     ax.set(xlabel="depth (weight layers)", ylabel="test accuracy (%)", title="Accuracy vs depth")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out / "accuracy_vs_depth.png")
 
 
-def plot_accuracy_vs_params(rows: list[dict], out: Path) -> Path:
+def plot_accuracy_vs_params(rows: list[dict], out: Path, colors: dict | None = None) -> Path:
+    colors = colors or variant_colors(list(_by_variant(rows)))
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, rs in _by_variant(rows).items():
-        ax.plot([r["params"] for r in rs], [r["acc_mean"] for r in rs], marker="o", label=variant)
+        ax.plot([r["params"] for r in rs], [r["acc_mean"] for r in rs], marker="o", label=variant,
+                color=colors[variant])
         for r in rs:
             ax.annotate(str(r["depth"]), (r["params"], r["acc_mean"]), textcoords="offset points", xytext=(3, 3),
                         fontsize=7)
@@ -172,22 +182,23 @@ def plot_accuracy_vs_params(rows: list[dict], out: Path) -> Path:
     return _save(fig, out / "accuracy_vs_params.png")
 
 
-def plot_throughput(rows: list[dict], out: Path) -> Path:
+def plot_throughput(rows: list[dict], out: Path, colors: dict | None = None) -> Path:
     variants = _by_variant(rows)
+    colors = colors or variant_colors(list(variants))
     depths = sorted({r["depth"] for rs in variants.values() for r in rs})
     width = 0.8 / max(1, len(variants))
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (variant, rs) in enumerate(variants.items()):
         by_depth = {r["depth"]: r["images_per_s"] or 0 for r in rs}
         xs = [d + (i - (len(variants) - 1) / 2) * width for d in range(len(depths))]
-        ax.bar(xs, [by_depth.get(d, 0) for d in depths], width, label=variant)
+        ax.bar(xs, [by_depth.get(d, 0) for d in depths], width, label=variant, color=colors[variant])
     ax.set_xticks(range(len(depths)), [str(d) for d in depths])
     ax.set(xlabel="depth", ylabel="training images / s", title="Training throughput (this machine)")
     ax.legend()
     return _save(fig, out / "throughput.png")
 
 
-def plot_similarity(cells: list[dict], out: Path) -> Path | None:
+def plot_similarity(cells: list[dict], out: Path, colors: dict | None = None) -> Path | None:
     """Linear CKA to the input per layer, at init (dashed) and after training (solid), seed 0 of
     each variant at the deepest depth, with the noise floor dotted."""
     probed = [c for c in cells if c.get("probe")]
@@ -198,15 +209,15 @@ def plot_similarity(cells: list[dict], out: Path) -> Path | None:
     for c in sorted(probed, key=lambda c: c["seed"]):
         if c["depth"] == deepest:
             chosen.setdefault(c["variant"], c)
+    colors = colors or variant_colors(list(dict.fromkeys(c["variant"] for c in cells)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, stage in zip(axes, ("init", "end")):
-        for i, (variant, c) in enumerate(chosen.items()):
+        for variant, c in chosen.items():
             curve = c["probe"].get(stage)
             if curve is None:
                 continue
-            color = plt.cm.tab20(i % 20)  # distinct colours for up to 20 variants
-            ax.plot(curve["cka"], color=color, label=variant)
-            ax.plot(curve["cka_noise"], color=color, linestyle=":", linewidth=1)
+            ax.plot(curve["cka"], color=colors[variant], label=variant)
+            ax.plot(curve["cka_noise"], color=colors[variant], linestyle=":", linewidth=1)
         ax.set(xlabel="layer index", title=f"depth {deepest}, {'at init' if stage == 'init' else 'after training'}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("linear CKA to the input (dotted: noise floor)")
