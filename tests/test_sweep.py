@@ -136,6 +136,10 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
     assert {r["id"] for r in read_cells(out)} == {c.id for c in spec.cells()}
     with pytest.raises(ConfigError, match="shard"):
         run_sweep(spec, out, progress=False, shard=(2, 2))
+    # A grid whose inner loop is depth still gives every shard both depths, deepest first.
+    deep = load_sweep(families=["plain", "resnet"], depths=[8, 14], seeds=1, train=TINY, model_kwargs={"width": 4})
+    records = run_sweep(deep, tmp_path / "deep", progress=False, command="t", shard=(0, 2))
+    assert [r["id"] for r in records] == ["plain-d14-s0", "plain-d8-s0"]
     with pytest.raises(SystemExit):
         main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
     assert "0 <= I < N" in capsys.readouterr().err

@@ -94,8 +94,10 @@ def write_report(out: str | Path) -> Path:
     cells = read_cells(out)
     if not cells:
         raise FileNotFoundError(f"no finished cell under {out}/cells: run `pnnh sweep --out {out}` first")
-    rows = aggregate(cells)
     manifest = yaml.safe_load((out / "sweep.yaml").read_text()) if (out / "sweep.yaml").exists() else {}
+    order = {v: i for i, v in enumerate((manifest.get("sweep") or {}).get("variants") or {})}
+    cells.sort(key=lambda c: (order.get(c["variant"], len(order)), c["depth"], c["seed"]))  # the recipe's order
+    rows = aggregate(cells)
     _write_csv(out / "results.csv", cells)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
     colors = variant_colors(list(dict.fromkeys(r["variant"] for r in rows)))

@@ -129,8 +129,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
               progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring).
 
-    ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of the grid, so n processes can share
-    one sweep directory (cells never overlap); the records returned are this shard's."""
+    ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of the grid ordered deepest first, so n
+    processes can share one sweep directory (cells never overlap) and each gets a fair mix of
+    cheap and costly cells, the costly ones first; the records returned are this shard's."""
     from pnnh.train.trainer import TrainingDiverged, train
 
     out = Path(out)
@@ -138,7 +139,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
     configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
-    cells = spec.cells()[index::count]
+    cells = spec.cells()
+    if count > 1:
+        cells = sorted(cells, key=lambda c: -c.depth)[index::count]  # stable: the recipe's order per depth
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, spec, command)
     records = []
