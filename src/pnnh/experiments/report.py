@@ -56,7 +56,8 @@ def table_markdown(rows: list[dict]) -> str:
     lines = [head + " seeds ok | train images/s |",
              "|---|---:|---:|---:|" + ("---:|" if with_val else "") + "---:|---:|"]
     for r in rows:
-        acc = f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["acc_mean"] is not None else "—"
+        acc = "—" if r["acc_mean"] is None else (f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["finished"] > 1
+                                                 else f"{r['acc_mean']:.2f}")  # one seed: no spread to show
         val = (f" {r['val_mean']:.2f} |" if r["val_mean"] is not None else " — |") if with_val else ""
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
         params = f"{r['params']:,}" if r["params"] else "—"
@@ -233,7 +234,8 @@ def format_console_table(rows: list[dict]) -> str:
     head = f"{'variant':<{w}}{'depth':>6}{'params':>12}{'test acc %':>18}{'val acc %':>11}{'seeds':>7}{'img/s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        acc = f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["acc_mean"] is not None else "—"
+        acc = "—" if r["acc_mean"] is None else (f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["finished"] > 1
+                                                 else f"{r['acc_mean']:.2f}")  # one seed: no spread to show
         val = f"{r['val_mean']:.2f}" if r["val_mean"] is not None else "—"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
         params = f"{r['params']:,}" if r["params"] else "—"
