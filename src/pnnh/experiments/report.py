@@ -149,6 +149,14 @@ def _by_variant(rows):
     return variants
 
 
+def _legend(ax) -> None:
+    """Inside the axes for a few variants; outside on the right when it would cover the data."""
+    if len(ax.get_legend_handles_labels()[1]) > 5:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    else:
+        ax.legend()
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed outside the axes
@@ -164,7 +172,7 @@ def plot_accuracy_vs_depth(rows: list[dict], out: Path, colors: dict | None = No
                     marker="o", capsize=3, label=variant, color=colors[variant])
     ax.set(xlabel="depth (weight layers)", ylabel="test accuracy (%)", title="Accuracy vs depth")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _save(fig, out / "accuracy_vs_depth.png")
 
 
@@ -181,7 +189,7 @@ def plot_accuracy_vs_params(rows: list[dict], out: Path, colors: dict | None = N
     ax.set(xlabel="parameters (log scale; labels = depth)", ylabel="test accuracy (%)",
            title="Accuracy vs parameters")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _save(fig, out / "accuracy_vs_params.png")
 
 
@@ -197,7 +205,7 @@ def plot_throughput(rows: list[dict], out: Path, colors: dict | None = None) -> 
         ax.bar(xs, [by_depth.get(d, 0) for d in depths], width, label=variant, color=colors[variant])
     ax.set_xticks(range(len(depths)), [str(d) for d in depths])
     ax.set(xlabel="depth", ylabel="training images / s", title="Training throughput (this machine)")
-    ax.legend()
+    _legend(ax)
     return _save(fig, out / "throughput.png")
 
 
