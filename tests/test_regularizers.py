@@ -68,6 +68,7 @@ def test_guidance_loss_reduces_the_cka_distance_to_the_guide():
     target = create_model("plain20", num_classes=10, in_chans=1, img_size=8, width=8)
     guide = build_guide("resnet8", num_classes=10, in_chans=1, img_size=8)
     guidance = Guidance(target, guide, weight=1.0)
+    buffers = {k: v.clone() for k, v in guide.state_dict().items()}
     from pnnh.probe.hooks import feature_layers
     n, m = len(feature_layers(target)), len(feature_layers(guide))
     assert n > m and len(guidance.pairs) == n  # every target layer, paired by relative depth
@@ -85,6 +86,7 @@ def test_guidance_loss_reduces_the_cka_distance_to_the_guide():
     after = guidance.distances(x).mean().item()
     assert after < 0.7 * before, (before, after)
     assert all(not p.requires_grad for p in guide.parameters())
+    assert all(torch.equal(v, buffers[k]) for k, v in guide.state_dict().items())  # running stats untouched
     guidance.remove()
     assert not target._forward_hooks and all(not m._forward_hooks for m in target.modules())
 

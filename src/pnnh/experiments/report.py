@@ -49,6 +49,13 @@ def aggregate(cells: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (order[r["variant"]], r["depth"]))
 
 
+def _acc_text(row: dict) -> str:
+    """``mean ± std`` of an aggregate row; the mean alone for one seed (no spread to show)."""
+    if row["acc_mean"] is None:
+        return "—"
+    return f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f}" if row["finished"] > 1 else f"{row['acc_mean']:.2f}"
+
+
 def table_markdown(rows: list[dict]) -> str:
     """The aggregate table; a validation column appears when the sweep carved a validation split."""
     with_val = any(r["val_mean"] is not None for r in rows)
@@ -56,8 +63,7 @@ def table_markdown(rows: list[dict]) -> str:
     lines = [head + " seeds ok | train images/s |",
              "|---|---:|---:|---:|" + ("---:|" if with_val else "") + "---:|---:|"]
     for r in rows:
-        acc = "—" if r["acc_mean"] is None else (f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["finished"] > 1
-                                                 else f"{r['acc_mean']:.2f}")  # one seed: no spread to show
+        acc = _acc_text(r)
         val = (f" {r['val_mean']:.2f} |" if r["val_mean"] is not None else " — |") if with_val else ""
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
         params = f"{r['params']:,}" if r["params"] else "—"
@@ -82,9 +88,8 @@ def table_by_depth(rows: list[dict]) -> str | None:
             if r is None or r["acc_mean"] is None:
                 cells.append("—" if r is None else "failed")
                 continue
-            std = f" ± {r['acc_std']:.2f}" if r["finished"] > 1 else ""
             params = f"{r['params'] / 1e6:.2f}M" if r["params"] else "—"
-            cells.append(f"{r['acc_mean']:.2f}{std} · {params} · {r['images_per_s']:.0f}")
+            cells.append(f"{_acc_text(r)} · {params} · {r['images_per_s']:.0f}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -242,8 +247,7 @@ def format_console_table(rows: list[dict]) -> str:
     head = f"{'variant':<{w}}{'depth':>6}{'params':>12}{'test acc %':>18}{'val acc %':>11}{'seeds':>7}{'img/s':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        acc = "—" if r["acc_mean"] is None else (f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f}" if r["finished"] > 1
-                                                 else f"{r['acc_mean']:.2f}")  # one seed: no spread to show
+        acc = _acc_text(r)
         val = f"{r['val_mean']:.2f}" if r["val_mean"] is not None else "—"
         ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
         params = f"{r['params']:,}" if r["params"] else "—"

@@ -20,7 +20,9 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from pnnh.probe.metrics import center_gram
 from pnnh.train.config import ConfigError
 
 GRAD_NOISE_GAMMA = 0.55  # the paper's decay exponent
@@ -58,9 +60,7 @@ def differentiable_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> 
     """Linear CKA of two batches (rows = examples, other dims flattened), as a tensor with grad."""
     x = x.reshape(x.shape[0], -1).float()
     y = y.reshape(y.shape[0], -1).float()
-    kx, ky = x @ x.T, y @ y.T
-    kx = kx - kx.mean(0, keepdim=True) - kx.mean(1, keepdim=True) + kx.mean()
-    ky = ky - ky.mean(0, keepdim=True) - ky.mean(1, keepdim=True) + ky.mean()
+    kx, ky = center_gram(x @ x.T), center_gram(y @ y.T)
     return (kx * ky).sum() / (kx.norm() * ky.norm() + eps)
 
 
@@ -114,8 +114,9 @@ class Guidance:
 
     Use as: ``loss = task_loss + guidance.loss(x)`` right after ``target(x)`` ran, in the same
     autograd graph; the target's layer outputs are captured by forward hooks installed here.
-    The guide runs without gradients in training mode (BatchNorm on batch statistics, which an
-    untrained guide needs); its running statistics are left as they were.
+    The guide runs without gradients, in eval mode except that its BatchNorms normalise with the
+    batch's statistics (which an untrained guide needs) and never update their running ones: set
+    up once here, since the guide belongs to this object and nothing else switches its modes.
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, weight: float = 1.0):
@@ -124,6 +125,11 @@ class Guidance:
         if not weight > 0:
             raise ValueError(f"guide_weight={weight!r} must be > 0")
         self.guide, self.weight = guide, float(weight)
+        guide.eval()
+        for m in guide.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()
+                m.track_running_stats = False  # batch statistics, running buffers left untouched
         t_layers, g_layers = feature_layers(target), feature_layers(guide)
         n, m = len(t_layers), len(g_layers)
         self.pairs = [(i, round(i * (m - 1) / max(1, n - 1))) for i in range(n)]
@@ -145,9 +151,7 @@ class Guidance:
         """``1 - CKA`` per layer pair, for the target outputs of the last forward on ``x``."""
         if len(self._target_out) < len(self.pairs):
             raise RuntimeError("Guidance.loss needs the target's forward on the same batch first")
-        from pnnh.probe.hooks import preserved_state
-
-        with torch.no_grad(), preserved_state(self.guide, bn_stats="batch"):
+        with torch.no_grad():
             self.guide(x)
         d = torch.stack([1.0 - differentiable_cka(self._target_out[i], self._guide_out[j]) for i, j in self.pairs])
         self._target_out.clear()
