@@ -140,6 +140,11 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
     deep = load_sweep(families=["plain", "resnet"], depths=[8, 14], seeds=1, train=TINY, model_kwargs={"width": 4})
     records = run_sweep(deep, tmp_path / "deep", progress=False, command="t", shard=(0, 2))
     assert [r["id"] for r in records] == ["plain-d14-s0", "plain-d8-s0"]
+    # Seed by seed: both shards finish the first seed's grid before either starts the second.
+    seeds = load_sweep(families=["plain", "resnet"], depths=[8, 14], seeds=[3, 1], train=TINY,
+                       model_kwargs={"width": 4})
+    order = [r["id"] for r in run_sweep(seeds, tmp_path / "seeds", progress=False, command="t", shard=(1, 2))]
+    assert order == ["resnet-d14-s3", "resnet-d8-s3", "resnet-d14-s1", "resnet-d8-s1"]
     with pytest.raises(SystemExit):
         main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
     assert "0 <= I < N" in capsys.readouterr().err

@@ -129,9 +129,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
               progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring).
 
-    ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of the grid ordered deepest first, so n
-    processes can share one sweep directory (cells never overlap) and each gets a fair mix of
-    cheap and costly cells, the costly ones first; the records returned are this shard's."""
+    Cells train one seed at a time (every cell of the first seed before any of the second, so a
+    sweep stopped part-way has a complete grid for its first seeds), deepest first within a seed.
+    ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of that order, so n processes can share
+    one sweep directory (cells never overlap) and each gets a fair mix of cheap and costly cells,
+    the costly ones first; the records returned are this shard's."""
     from pnnh.train.trainer import TrainingDiverged, train
 
     out = Path(out)
@@ -139,9 +141,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
     configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
-    cells = spec.cells()
-    if count > 1:
-        cells = sorted(cells, key=lambda c: -c.depth)[index::count]  # stable: the recipe's order per depth
+    seed_rank = {seed: i for i, seed in enumerate(spec.seeds)}
+    # Stable sort: the recipe's variant order within a (seed, depth).
+    cells = sorted(spec.cells(), key=lambda c: (seed_rank[c.seed], -c.depth))[index::count]
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, spec, command)
     records = []
