@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -149,6 +151,31 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
         main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
     assert "0 <= I < N" in capsys.readouterr().err
 
+
+
+def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp_path, capsys):
+    """Two processes on one sweep never train the same cell; a killed holder frees its cell."""
+    out = tmp_path / "sweep"
+    spec = tiny_spec()
+    lock = out / ".locks" / "resnet-d8-s0"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        records = run_sweep(spec, out, progress=True, command="t")
+        assert [r["id"] for r in records] == ["plain-d8-s0", "pnnh-d8-s0"]
+        said = capsys.readouterr()
+        assert "resnet-d8-s0: being trained by another process, skipped" in said.out + said.err
+        assert not (out / "cells" / "resnet-d8-s0").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    records = run_sweep(spec, out, progress=False, command="t")  # SIGKILL released the lock
+    assert sorted(r["id"] for r in records) == ["plain-d8-s0", "pnnh-d8-s0", "resnet-d8-s0"]
+    assert all(r["status"] == "ok" for r in records)
 
 def test_variant_by_depth_table():
     from pnnh.experiments.report import aggregate, table_by_depth

@@ -24,9 +24,15 @@ import platform
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 import yaml
@@ -132,10 +138,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     Cells train one seed at a time (every cell of the first seed before any of the second, so a
     sweep stopped part-way has a complete grid for its first seeds), deepest first within a seed.
     ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of that order, so n processes can share
-    one sweep directory (cells never overlap) and each gets a fair mix of cheap and costly cells,
-    the costly ones first; the records returned are this shard's."""
-    from pnnh.train.trainer import TrainingDiverged, train
-
+    one sweep directory and each gets a fair mix of cheap and costly cells, the costly ones first;
+    the records returned are this shard's. A cell being trained by another process on ``out``
+    (a lock per cell, :func:`_claim`) is skipped, so running the same command twice is safe."""
     out = Path(out)
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
@@ -156,39 +161,76 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
             todo.append(cell)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell", disable=not progress,
                position=0, dynamic_ncols=True)
-    for cell in todo:
-        bar.set_postfix_str(cell.id)
-        cell_dir = out / "cells" / cell.id
-        if retry_failed and (cell_dir / "cell.json").exists():
-            _discard_failed(cell_dir)
-        resume = (cell_dir / "last.pt").exists()
-        if not resume and cell_dir.exists():
-            # Stopped before its first checkpoint: nothing to resume, keep it aside, start afresh.
-            cell_dir.rename(cell_dir.with_name(f"{cell.id}.incomplete-{int(time.time())}"))
-        try:
-            result = train(configs[cell.id], resume=resume, progress=progress)
-            record = _record(cell, "ok", result.to_dict())
-        except TrainingDiverged as err:
-            record = _record(cell, "diverged", err.result.to_dict(), reason=str(err))
-        except KeyboardInterrupt:
-            bar.close()
-            raise
-        except Exception as err:  # a broken cell must not stop the sweep
-            record = _record(cell, "failed", {}, reason=f"{type(err).__name__}: {err}",
-                             detail=traceback.format_exc(limit=8))
-        if record["status"] != "failed":
-            try:
-                record["probe"] = probe_curves(cell, configs[cell.id])
-            except Exception as err:  # a probe problem must not cost the training result
-                record["probe_error"] = f"{type(err).__name__}: {err}"
-        cell_dir.mkdir(parents=True, exist_ok=True)  # a cell may fail before the trainer made it
-        atomic_write_text(cell_dir / "cell.json", json.dumps(record, indent=1) + "\n")
-        records.append(record)
-        bar.update(1)
-        if progress:
-            tqdm.write(f"[{bar.n}/{len(cells)}] {cell.id}: {_one_line(record)}")
-    bar.close()
+    try:
+        for cell in todo:
+            bar.set_postfix_str(cell.id)
+            cell_dir = out / "cells" / cell.id
+            with _claim(out / ".locks" / cell.id) as mine:
+                if not mine:
+                    tqdm.write(f"{cell.id}: being trained by another process, skipped")
+                    continue
+                record = read_cell(cell_dir)  # another process may have finished it since the scan
+                if record is None or (retry_failed and record["status"] == "failed"):
+                    record = _train_cell(cell, configs[cell.id], cell_dir, retry_failed, progress)
+            records.append(record)
+            bar.update(1)
+            if progress:
+                tqdm.write(f"[{bar.n}/{len(cells)}] {cell.id}: {_one_line(record)}")
+    finally:
+        bar.close()
     return records
+
+
+def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: bool, progress: bool) -> dict:
+    """Train (or resume) one cell, probe it, write its ``cell.json``; return the record."""
+    from pnnh.train.trainer import TrainingDiverged, train
+
+    if retry_failed and (cell_dir / "cell.json").exists():
+        _discard_failed(cell_dir)
+    resume = (cell_dir / "last.pt").exists()
+    if not resume and cell_dir.exists():
+        # Stopped before its first checkpoint: nothing to resume, keep it aside, start afresh.
+        cell_dir.rename(cell_dir.with_name(f"{cell.id}.incomplete-{int(time.time())}"))
+    try:
+        result = train(config, resume=resume, progress=progress)
+        record = _record(cell, "ok", result.to_dict())
+    except TrainingDiverged as err:
+        record = _record(cell, "diverged", err.result.to_dict(), reason=str(err))
+    except Exception as err:  # a broken cell must not stop the sweep
+        record = _record(cell, "failed", {}, reason=f"{type(err).__name__}: {err}",
+                         detail=traceback.format_exc(limit=8))
+    if record["status"] != "failed":
+        try:
+            record["probe"] = probe_curves(cell, config)
+        except Exception as err:  # a probe problem must not cost the training result
+            record["probe_error"] = f"{type(err).__name__}: {err}"
+    cell_dir.mkdir(parents=True, exist_ok=True)  # a cell may fail before the trainer made it
+    atomic_write_text(cell_dir / "cell.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+@contextmanager
+def _claim(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``lock_path`` for the block; yield whether we got it.
+
+    Two processes on one sweep directory (two shards, or the same command run twice) never
+    train the same cell. The operating system drops the lock when its process dies, even by
+    SIGKILL, so a crashed run never leaves a cell locked. Without ``fcntl`` (Windows) every
+    claim succeeds: run one process per sweep directory there."""
+    if fcntl is None:
+        yield True
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_cell(cell_dir: Path) -> dict | None:
