@@ -162,6 +162,7 @@ def test_auto_channels_last_follows_the_models_cpu_preference():
     assert resolve_config(load_config({**BASE, "device": "cpu", "channels_last": True}), "cnn", 28,
                           channels_last_on_cpu=False).channels_last is True
     assert pnnh.create_model("pnnh20").prefers_channels_last_on_cpu is False
+    assert pnnh.create_model("pnnh18").prefers_channels_last_on_cpu is True  # wide learners
     assert pnnh.create_model("resnet20").prefers_channels_last_on_cpu is True
 
 

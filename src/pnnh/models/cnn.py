@@ -45,13 +45,20 @@ def stage_blocks(block, widths, blocks_per_stage, in_ch, first_stride=1) -> list
     return stages
 
 
+# The narrowest PNNH learner (output channels of a layer's own weights) for which channels_last
+# is the faster CPU layout: measured faster at 32 (pnnh18), slower at 8 (pnnh20, pnnh56).
+PNNH_CHANNELS_LAST_MIN_LEARNER = 32
+
+
 class ConvNet(nn.Module):
     """stem -> body -> global average pool -> linear head, for every CNN family."""
 
     family = "cnn"
     # The trainer's channels_last="auto" uses channels_last on CPU only for models that run faster
-    # in it: PNNH layers (half-width BatchNorm/ReLU beside a channel concat) train ~1.2x faster in
-    # NCHW on CPU (benchmarks/throughput.py, README "Efficiency"). On CUDA every CNN uses it.
+    # in it. PNNH nets with narrow learners (pnnh20/56: 8-32 channels) train 1.3x faster in NCHW
+    # on CPU, wide ones (pnnh18: 32-256) 1.3x faster in channels_last (bf16, python
+    # benchmarks/throughput.py, README "Speed"): see PNNH_CHANNELS_LAST_MIN_LEARNER. On CUDA every
+    # CNN uses channels_last.
     prefers_channels_last_on_cpu = True
 
     def __init__(self, stem: nn.Module, body: list[nn.Module], out_ch: int, num_classes: int):
@@ -92,7 +99,9 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
         _no_extra(kwargs, family)
         body = [ConvBNAct(*c) for blocks in stages for convs in blocks for c in convs]
     net = net_class(stem, body, stages[-1][-1][-1][1], num_classes)
-    net.prefers_channels_last_on_cpu = family != "pnnh"
+    if family == "pnnh":
+        narrowest = min(layer.weight.shape[0] for layer in body)
+        net.prefers_channels_last_on_cpu = narrowest >= PNNH_CHANNELS_LAST_MIN_LEARNER
     if init is not None:
         from pnnh.models.baselines import apply_init  # baselines builds on this module
 
