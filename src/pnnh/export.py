@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "auto", data_dir: str | None
     from pnnh.data import load_dataset
     from pnnh.models import create_model
     from pnnh.train import load_config
-    from pnnh.train.checkpoint import load_checkpoint
+    from pnnh.train.checkpoint import load_checkpoint, run_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -90,8 +90,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "auto", data_dir: str | None
                           "(a run directory is the --out of `pnnh train`)")
     if checkpoint not in ("auto", "best", "last"):
         raise ExportError(f"checkpoint={checkpoint!r} is not valid; choose auto, best or last")
-    names = ["best.pt", "last.pt"] if checkpoint == "auto" else [f"{checkpoint}.pt"]
-    path = next((run_dir / n for n in names if (run_dir / n).is_file()), None)
+    names = ("best.pt", "last.pt") if checkpoint == "auto" else (f"{checkpoint}.pt",)
+    path = run_checkpoint(run_dir, names)
     if path is None:
         raise ExportError(f"{run_dir} has no {' or '.join(names)}: the run saved no checkpoint yet")
     cfg = load_config(run_dir / "config.yaml")

@@ -72,6 +72,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def run_checkpoint(run_dir: str | Path, names: tuple[str, ...] = ("best.pt", "last.pt")) -> Path | None:
+    """The first of ``names`` that is a file in the run directory ``run_dir``, or None."""
+    return next((Path(run_dir) / n for n in names if (Path(run_dir) / n).is_file()), None)
+
+
 def rng_state() -> dict[str, Any]:
     """Every global RNG state a training step may draw from: Python, NumPy, torch CPU and CUDA."""
     np_state = np.random.get_state(legacy=False)

@@ -80,7 +80,7 @@ def build_guide(spec: str, *, num_classes: int, in_chans: int, img_size: int) ->
     come from its config.yaml) or a checkpoint file written by ``pnnh train``.
     """
     from pnnh.models import create_model
-    from pnnh.train.checkpoint import load_checkpoint
+    from pnnh.train.checkpoint import load_checkpoint, run_checkpoint
 
     name, ckpt = parse_guide(spec)
     kwargs: dict = {}
@@ -88,7 +88,7 @@ def build_guide(spec: str, *, num_classes: int, in_chans: int, img_size: int) ->
     if ckpt is not None:
         path = Path(ckpt)
         if path.is_dir():
-            path = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
+            path = run_checkpoint(path)
             if path is None:
                 raise ConfigError(f"guide checkpoint directory {ckpt} has no best.pt or last.pt")
         elif not path.is_file():
