@@ -274,3 +274,17 @@ def test_state_dict_round_trip_keeps_sharing():
     torch.testing.assert_close(a(x), b(x))
     layers = [m for m in b.modules() if isinstance(m, PNNHConv)]
     assert layers[1].coder is layers[2].coder
+
+
+def test_per_layer_frozen_coders_compute_the_shared_coders_function():
+    """A frozen coder is deterministic, so one coder per layer equals one per stage (the ablation's
+    sharing-none cell trained bit-for-bit like the default); only the parameter count differs."""
+    torch.manual_seed(0)
+    shared = pnnh.create_model("pnnh20", width=8)
+    torch.manual_seed(0)
+    own = pnnh.create_model("pnnh20", width=8, coder_sharing="none")
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(shared(x), own(x), rtol=0, atol=0)
+    coders = lambda m: {id(layer.coder) for layer in m.modules() if isinstance(layer, PNNHConv)}
+    assert len(coders(own)) > len(coders(shared))
+    assert sum(p.numel() for p in own.parameters()) > sum(p.numel() for p in shared.parameters())
