@@ -11,7 +11,7 @@ import yaml
 
 from pnnh.cli import main
 from pnnh.experiments.report import write_report
-from pnnh.experiments.sweep import load_sweep, read_cells, run_sweep
+from pnnh.experiments.sweep import load_sweep, read_cells, run_sweep, unfinished_cells
 from pnnh.train.config import ConfigError
 from pnnh.train.trainer import train
 
@@ -170,12 +170,17 @@ def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp
         said = capsys.readouterr()
         assert "resnet-d8-s0: being trained by another process, skipped" in said.out + said.err
         assert not (out / "cells" / "resnet-d8-s0").exists()
+        assert unfinished_cells(out) == (["resnet-d8-s0"], [])
+        assert "Part-way: 2 of 3 cells recorded.** Training now: resnet-d8-s0." in write_report(out).read_text()
     finally:
         holder.kill()
         holder.wait()
-    records = run_sweep(spec, out, progress=False, command="t")  # SIGKILL released the lock
+    assert unfinished_cells(out) == ([], ["resnet-d8-s0"])  # SIGKILL released the lock
+    records = run_sweep(spec, out, progress=False, command="t")
     assert sorted(r["id"] for r in records) == ["plain-d8-s0", "pnnh-d8-s0", "resnet-d8-s0"]
     assert all(r["status"] == "ok" for r in records)
+    assert unfinished_cells(out) == ([], [])
+    assert "Part-way" not in write_report(out).read_text()
 
 def test_variant_by_depth_table():
     from pnnh.experiments.report import aggregate, table_by_depth

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from pnnh.experiments.sweep import read_cells  # noqa: E402
+from pnnh.experiments.sweep import read_cells, unfinished_cells  # noqa: E402
 from pnnh.train.checkpoint import atomic_write_text  # noqa: E402
 
 CSV_FIELDS = ("id", "variant", "family", "depth", "seed", "status", "test_acc", "best_acc", "val_acc", "params",
@@ -99,7 +99,9 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     cells = read_cells(out)
     if not cells:
-        raise FileNotFoundError(f"no finished cell under {out}/cells: run `pnnh sweep --out {out}` first")
+        running = unfinished_cells(out)[0]
+        now = f" (training now: {', '.join(running)})" if running else ""
+        raise FileNotFoundError(f"no finished cell under {out}/cells{now}: run `pnnh sweep --out {out}` first")
     manifest = yaml.safe_load((out / "sweep.yaml").read_text()) if (out / "sweep.yaml").exists() else {}
     order = {v: i for i, v in enumerate((manifest.get("sweep") or {}).get("variants") or {})}
     cells.sort(key=lambda c: (order.get(c["variant"], len(order)), c["depth"], c["seed"]))  # the recipe's order
@@ -126,6 +128,12 @@ def write_report(out: str | Path) -> Path:
         text += ["The same, one row per variant:", "", wide, ""]
     if failed:
         text += ["Cells that did not finish:", ""] + [f"- {f}" for f in failed] + [""]
+    running, waiting = unfinished_cells(out)
+    if running or waiting:
+        total = len(cells) + len(running) + len(waiting)
+        text += [f"**Part-way: {len(cells)} of {total} cells recorded.** Training now: "
+                 f"{', '.join(running) or 'none'}. Not started or interrupted (re-run the command to resume): "
+                 f"{', '.join(waiting) or 'none'}.", ""]
     text += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(text) + "\n")

@@ -146,9 +146,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
     configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
-    seed_rank = {seed: i for i, seed in enumerate(spec.seeds)}
-    # Stable sort: the recipe's variant order within a (seed, depth).
-    cells = sorted(spec.cells(), key=lambda c: (seed_rank[c.seed], -c.depth))[index::count]
+    cells = _training_order(spec)[index::count]
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, spec, command)
     records = []
@@ -179,6 +177,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     finally:
         bar.close()
     return records
+
+
+def _training_order(spec: SweepSpec) -> list[Cell]:
+    """Seed by seed, deepest first within a seed, the recipe's variant order within a depth."""
+    seed_rank = {seed: i for i, seed in enumerate(spec.seeds)}
+    return sorted(spec.cells(), key=lambda c: (seed_rank[c.seed], -c.depth))  # stable sort
 
 
 def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: bool, progress: bool) -> dict:
@@ -232,6 +236,27 @@ def _claim(lock_path: Path) -> Iterator[bool]:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+
+def unfinished_cells(out: str | Path) -> tuple[list[str], list[str]]:
+    """(cells being trained now, cells not started or interrupted) of the sweep in ``out``, by id,
+    in training order; both empty without a ``sweep.yaml``. A cell is being trained when another
+    process holds its lock."""
+    out = Path(out)
+    if not (out / "sweep.yaml").exists():
+        return [], []
+    section = (yaml.safe_load((out / "sweep.yaml").read_text()) or {}).get("sweep") or {}
+    spec = SweepSpec(section.get("variants") or {}, section.get("depths") or [], section.get("seeds") or [])
+    running, waiting = [], []
+    for cell in _training_order(spec):
+        if read_cell(out / "cells" / cell.id) is None:
+            lock = out / ".locks" / cell.id
+            busy = False
+            if lock.exists():
+                with _claim(lock) as mine:
+                    busy = not mine
+            (running if busy else waiting).append(cell.id)
+    return running, waiting
 
 def read_cell(cell_dir: Path) -> dict | None:
     path = cell_dir / "cell.json"
