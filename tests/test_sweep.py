@@ -85,6 +85,10 @@ def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
     other = load_sweep(families=["plain"], depths=[8], seeds=1, train={**TINY, "epochs": 1}, model_kwargs={"width": 4})
     with pytest.raises(ConfigError, match="different sweep"):
         run_sweep(other, out, progress=False)
+    # How a cell runs is not part of the sweep: a process may join compiled or on another device.
+    assert main(["sweep", "--families", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
+                 "--batch-size", "64", "--precision", "fp32", "--set", "width=4", "--compile", "--device", "cpu",
+                 "--out", str(out)]) == 0  # the recorded cell is reported, not retrained
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -52,6 +52,8 @@ def register(sub) -> None:
     p.add_argument("--val-size", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile every cell (minutes of compiling per cell; pays off for long cells)")
     p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model keyword for every cell (coder_* keys reach PNNH families only), repeatable")
@@ -77,7 +79,7 @@ def run_sweep_command(args) -> int:
     from pnnh.train.cli import parse_set
 
     train = {k: getattr(args, k) for k in ("data", "data_dir", "epochs", "batch_size", "train_subset",
-                                           "test_subset", "val_size", "precision", "device")
+                                           "test_subset", "val_size", "precision", "device", "compile")
              if getattr(args, k) is not None}
     try:
         spec = load_sweep(args.config, families=args.families, depths=args.depths, seeds=args.seeds,

@@ -42,6 +42,9 @@ from pnnh.train.checkpoint import atomic_write_text
 from pnnh.train.config import ConfigError, TrainConfig, load_config
 
 PROBE_IMAGES = 256
+# Train settings that change how a cell runs, not what it learns: processes sharing one sweep
+# directory may differ in them (e.g. one compiled, one not; each cell's config.yaml says which).
+EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout"})
 
 
 @dataclass
@@ -328,8 +331,10 @@ def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
     path = out / "sweep.yaml"
     if path.exists():
         previous = yaml.safe_load(path.read_text()) or {}
-        if previous.get("sweep") != manifest["sweep"] or previous.get("train") != manifest["train"]:
-            raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings")
+        recipe = lambda train: {k: v for k, v in (train or {}).items() if k not in EXECUTION_KEYS}  # noqa: E731
+        if previous.get("sweep") != manifest["sweep"] or recipe(previous.get("train")) != recipe(manifest["train"]):
+            raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings "
+                              f"(only {', '.join(sorted(EXECUTION_KEYS))} may differ)")
         return
     atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
 
