@@ -240,6 +240,13 @@ def _claim(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _held_elsewhere(lock_path: Path) -> bool:
+    """Whether another process holds the lock ``lock_path`` (a cell it is training)."""
+    if not lock_path.exists():
+        return False
+    with _claim(lock_path) as mine:
+        return not mine
+
 
 def unfinished_cells(out: str | Path) -> tuple[list[str], list[str]]:
     """(cells being trained now, cells not started or interrupted) of the sweep in ``out``, by id,
@@ -253,13 +260,9 @@ def unfinished_cells(out: str | Path) -> tuple[list[str], list[str]]:
     running, waiting = [], []
     for cell in _training_order(spec):
         if read_cell(out / "cells" / cell.id) is None:
-            lock = out / ".locks" / cell.id
-            busy = False
-            if lock.exists():
-                with _claim(lock) as mine:
-                    busy = not mine
-            (running if busy else waiting).append(cell.id)
+            (running if _held_elsewhere(out / ".locks" / cell.id) else waiting).append(cell.id)
     return running, waiting
+
 
 def read_cell(cell_dir: Path) -> dict | None:
     path = cell_dir / "cell.json"
@@ -325,14 +328,18 @@ def _one_line(record: dict) -> str:
     return f"{record['status']}, {acc_text}, {record['params']:,} params, {record['images_per_s']:.0f} img/s"
 
 
+def _recipe(train: dict | None) -> dict:
+    """The train settings that define what a cell learns (all but ``EXECUTION_KEYS``)."""
+    return {k: v for k, v in (train or {}).items() if k not in EXECUTION_KEYS}
+
+
 def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
     """``sweep.yaml``: the resolved sweep, the command and the versions (the report cites them)."""
     manifest = {**spec.to_dict(), "command": command or " ".join(sys.argv), "versions": versions()}
     path = out / "sweep.yaml"
     if path.exists():
         previous = yaml.safe_load(path.read_text()) or {}
-        recipe = lambda train: {k: v for k, v in (train or {}).items() if k not in EXECUTION_KEYS}  # noqa: E731
-        if previous.get("sweep") != manifest["sweep"] or recipe(previous.get("train")) != recipe(manifest["train"]):
+        if previous.get("sweep") != manifest["sweep"] or _recipe(previous.get("train")) != _recipe(manifest["train"]):
             raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings "
                               f"(only {', '.join(sorted(EXECUTION_KEYS))} may differ)")
         return
