@@ -56,9 +56,9 @@ class ConvNet(nn.Module):
     family = "cnn"
     # The trainer's channels_last="auto" uses channels_last on CPU only for models that run faster
     # in it. PNNH nets with narrow learners (pnnh20/56: 8-32 channels) train 1.3x faster in NCHW
-    # on CPU, wide ones (pnnh18: 32-256) 1.3x faster in channels_last (bf16, python
-    # benchmarks/throughput.py, README "Speed"): see PNNH_CHANNELS_LAST_MIN_LEARNER. On CUDA every
-    # CNN uses channels_last.
+    # on CPU, wide ones (pnnh18: 32-256) 1.3x faster in channels_last (bf16, 2 threads, idle;
+    # python benchmarks/throughput.py, README "Speed"; with 1 thread under load channels_last wins
+    # for every net): see PNNH_CHANNELS_LAST_MIN_LEARNER. On CUDA every CNN uses channels_last.
     prefers_channels_last_on_cpu = True
 
     def __init__(self, stem: nn.Module, body: list[nn.Module], out_ch: int, num_classes: int):
