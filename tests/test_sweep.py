@@ -186,6 +186,37 @@ def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp
     assert unfinished_cells(out) == ([], [])
     assert "Part-way" not in write_report(out).read_text()
 
+def test_a_sweep_waits_out_a_lock_held_for_a_moment(tmp_path):
+    """A lock taken briefly (how ``pnnh report`` asks whether a cell is training) does not make a
+    sweep skip the cell: the claim retries for a while before it calls the cell busy."""
+    import threading
+
+    from pnnh.experiments.sweep import _claim, _held_elsewhere
+
+    lock = tmp_path / ".locks" / "resnet-d8-s0"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.readline(); "
+         "fcntl.flock(f, fcntl.LOCK_UN); print('released', flush=True); time.sleep(600)", str(lock)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _held_elsewhere(lock)
+        with _claim(lock, patience=0.2) as mine:
+            assert not mine  # still held when patience runs out: busy
+        release = threading.Timer(0.3, lambda: (holder.stdin.write("go\n"), holder.stdin.flush()))
+        release.start()
+        with _claim(lock, patience=60) as mine:
+            assert mine
+        release.join()
+        assert holder.stdout.readline().strip() == "released"
+        assert holder.poll() is None  # the holder is alive: the lock was let go, not dropped by death
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_variant_by_depth_table():
     from pnnh.experiments.report import aggregate, table_by_depth
 

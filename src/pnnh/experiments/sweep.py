@@ -166,7 +166,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
         for cell in todo:
             bar.set_postfix_str(cell.id)
             cell_dir = out / "cells" / cell.id
-            with _claim(out / ".locks" / cell.id) as mine:
+            with _claim(out / ".locks" / cell.id, patience=CLAIM_PATIENCE_S) as mine:
                 if not mine:
                     tqdm.write(f"{cell.id}: being trained by another process, skipped")
                     continue
@@ -216,24 +216,34 @@ def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: b
     return record
 
 
+CLAIM_PATIENCE_S = 2.0  # how long a sweep waits for a lock held only for a moment (a report's check)
+
+
 @contextmanager
-def _claim(lock_path: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``lock_path`` for the block; yield whether we got it.
+def _claim(lock_path: Path, patience: float = 0.0) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path`` for the block; yield whether we got it.
 
     Two processes on one sweep directory (two shards, or the same command run twice) never
     train the same cell. The operating system drops the lock when its process dies, even by
-    SIGKILL, so a crashed run never leaves a cell locked. Without ``fcntl`` (Windows) every
-    claim succeeds: run one process per sweep directory there."""
+    SIGKILL, so a crashed run never leaves a cell locked. A lock still held after ``patience``
+    seconds of retrying means the cell is busy (``pnnh report`` holds one for microseconds to
+    ask whether a cell is training; a sweep waits that out instead of skipping the cell).
+    Without ``fcntl`` (Windows) every claim succeeds: run one process per sweep directory there."""
     if fcntl is None:
         yield True
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
         try:
             yield True
         finally:
