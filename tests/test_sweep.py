@@ -43,6 +43,19 @@ def test_sweep_trains_every_cell_and_reports(tmp_path):
     assert {r["id"] for r in rows} == {r["id"] for r in records}
     summary = json.loads((out / "results.json").read_text())
     assert {row["variant"] for row in summary["rows"]} == {"plain", "resnet", "pnnh"}
+    assert "Each variant against resnet, seed by seed" in text and "| pnnh | 8 |" in text
+
+
+def test_report_reference_option(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    run_sweep(load_sweep(families=["plain", "pnnh"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4}),
+              out, progress=False, command="t")
+    assert "Each variant against" not in write_report(out).read_text()  # no resnet: no default reference
+    assert main(["report", str(out), "--reference", "plain"]) == 0
+    assert "| pnnh | 8 |" in (out / "report.md").read_text()
+    assert main(["report", str(out), "--reference", "resnet"]) == 2
+    err = capsys.readouterr().err
+    assert "'resnet' is not in this sweep's results; it has: plain, pnnh" in err
 
 
 def test_finished_cells_are_skipped_and_interrupted_cell_resumes(tmp_path):
@@ -215,6 +228,23 @@ def test_a_sweep_waits_out_a_lock_held_for_a_moment(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_table_against_the_reference_pairs_seeds():
+    from pnnh.experiments.report import table_vs_reference
+
+    def cell(variant, depth, seed, acc, params, status="ok"):
+        return {"variant": variant, "depth": depth, "seed": seed, "status": status,
+                "test_acc": acc if status == "ok" else None, "params": params}
+
+    cells = [cell("resnet", 56, 0, 0.90, 1000), cell("resnet", 56, 1, 0.92, 1000),
+             cell("pnnh", 56, 0, 0.91, 500), cell("pnnh", 56, 1, 0.915, 500),
+             cell("pnnh", 56, 2, 0.99, 500),  # no resnet seed 2: not compared
+             cell("plain", 56, 0, None, 1000, status="diverged"), cell("plain", 20, 0, 0.8, 300)]
+    lines = table_vs_reference(cells, "resnet").splitlines()
+    assert lines[0].startswith("| variant | depth | test accuracy − resnet (points)")
+    assert lines[2:] == ["| pnnh | 56 | +0.25 [-0.50, +1.00] | 0, 1 | 0.50x |"]
+    assert table_vs_reference(cells, "nothing") is None
 
 
 def test_variant_by_depth_table():

@@ -65,6 +65,8 @@ def register(sub) -> None:
 
     r = sub.add_parser("report", help="write report.md, results.csv/json and plots for a sweep directory")
     r.add_argument("dir")
+    r.add_argument("--reference", metavar="VARIANT",
+                   help="compare every variant with this one, seed by seed (default: resnet when present)")
     r.set_defaults(func=run_report)
 
     d = sub.add_parser("demo", help="the README's main job: a small plain/resnet/pnnh depth sweep (<10 min)")
@@ -104,8 +106,8 @@ def run_report(args) -> int:
     from pnnh.experiments.sweep import read_cells
 
     try:
-        report = write_report(args.dir)
-    except FileNotFoundError as err:
+        report = write_report(args.dir, reference=args.reference)
+    except (FileNotFoundError, ValueError) as err:
         print(f"pnnh report: error: {err}", file=sys.stderr)
         return 2
     print(format_console_table(aggregate(read_cells(args.dir))))

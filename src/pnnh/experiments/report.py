@@ -94,8 +94,39 @@ def table_by_depth(rows: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
-def write_report(out: str | Path) -> Path:
-    """Write the report files for the sweep in ``out``; return the path of report.md."""
+DEFAULT_REFERENCE = "resnet"
+
+
+def table_vs_reference(cells: list[dict], reference: str) -> str | None:
+    """Each variant minus ``reference`` at each depth, seed by seed (same seed: same data order and
+    augmentation), in test-accuracy points, with the parameter ratio: the view that answers "does
+    X match the reference at half its parameters?". ``None`` when nothing can be compared."""
+    ok = {(c["variant"], c["depth"], c["seed"]): c for c in cells if c["status"] == "ok" and c["test_acc"] is not None}
+    lines = []
+    for variant in dict.fromkeys(c["variant"] for c in cells):
+        if variant == reference:
+            continue
+        for depth in sorted({c["depth"] for c in cells if c["variant"] == variant}):
+            seeds = sorted(s for (v, d, s) in ok if v == variant and d == depth and (reference, d, s) in ok)
+            if not seeds:
+                continue
+            deltas = [100 * (ok[variant, depth, s]["test_acc"] - ok[reference, depth, s]["test_acc"]) for s in seeds]
+            mine, theirs = ok[variant, depth, seeds[0]]["params"], ok[reference, depth, seeds[0]]["params"]
+            ratio = f"{mine / theirs:.2f}x" if mine and theirs else "—"
+            spread = f" [{min(deltas):+.2f}, {max(deltas):+.2f}]" if len(deltas) > 1 else ""
+            lines.append(f"| {variant} | {depth} | {statistics.fmean(deltas):+.2f}{spread} | "
+                         f"{', '.join(map(str, seeds))} | {ratio} |")
+    if not lines:
+        return None
+    return "\n".join([f"| variant | depth | test accuracy − {reference} (points): mean [min, max] over seeds "
+                      f"| seeds compared | params / {reference} |", "|---|---:|---:|---|---:|", *lines])
+
+
+def write_report(out: str | Path, reference: str | None = None) -> Path:
+    """Write the report files for the sweep in ``out``; return the path of report.md.
+
+    ``reference``: the variant every other one is compared with, seed by seed (default:
+    ``resnet`` when the sweep has it, else no comparison); a name the sweep lacks is a ValueError."""
     out = Path(out)
     cells = read_cells(out)
     if not cells:
@@ -106,6 +137,11 @@ def write_report(out: str | Path) -> Path:
     order = {v: i for i, v in enumerate((manifest.get("sweep") or {}).get("variants") or {})}
     cells.sort(key=lambda c: (order.get(c["variant"], len(order)), c["depth"], c["seed"]))  # the recipe's order
     rows = aggregate(cells)
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    if reference is not None and reference not in variants:
+        raise ValueError(f"reference variant {reference!r} is not in this sweep's results; "
+                         f"it has: {', '.join(variants)}")
+    reference = reference or (DEFAULT_REFERENCE if DEFAULT_REFERENCE in variants else None)
     _write_csv(out / "results.csv", cells)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
     colors = variant_colors(list(dict.fromkeys(r["variant"] for r in rows)))
@@ -126,6 +162,9 @@ def write_report(out: str | Path) -> Path:
     wide = table_by_depth(rows)
     if wide is not None:
         text += ["The same, one row per variant:", "", wide, ""]
+    versus = table_vs_reference(cells, reference) if reference else None
+    if versus is not None:
+        text += [f"Each variant against {reference}, seed by seed:", "", versus, ""]
     if failed:
         text += ["Cells that did not finish:", ""] + [f"- {f}" for f in failed] + [""]
     running, waiting = unfinished_cells(out)
