@@ -37,7 +37,8 @@ def test_sweep_trains_every_cell_and_reports(tmp_path):
     report = write_report(out)
     text = report.read_text()
     assert "pnnh sweep (test)" in text and "torch" in text
-    for name in ("accuracy_vs_depth.png", "accuracy_vs_params.png", "throughput.png", "similarity_to_input.png"):
+    for name in ("accuracy_vs_depth.png", "accuracy_vs_params.png", "learning_curves.png", "throughput.png",
+                 "similarity_to_input.png"):
         assert (out / name).stat().st_size > 1000
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["id"] for r in rows} == {r["id"] for r in records}
@@ -51,6 +52,8 @@ def test_report_reference_option(tmp_path, capsys):
     run_sweep(load_sweep(families=["plain", "pnnh"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4}),
               out, progress=False, command="t")
     assert "Each variant against" not in write_report(out).read_text()  # no resnet: no default reference
+    (out / "notes.md").write_text("Ran on a shared machine.\n")
+    assert write_report(out).read_text().startswith("# pnnh sweep report\n\nRan on a shared machine.\n\nCommand:")
     assert main(["report", str(out), "--reference", "plain"]) == 0
     assert "| pnnh | 8 |" in (out / "report.md").read_text()
     assert main(["report", str(out), "--reference", "resnet"]) == 2
@@ -228,6 +231,15 @@ def test_a_sweep_waits_out_a_lock_held_for_a_moment(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_history_keeps_one_entry_per_epoch_and_survives_a_cut_line(tmp_path):
+    from pnnh.experiments.report import read_history
+
+    assert read_history(tmp_path) == []
+    lines = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.6}, {"epoch": 2, "test_acc": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"epoch": 3, "te')
+    assert read_history(tmp_path) == [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.7}]
 
 
 def test_table_against_the_reference_pairs_seeds():

@@ -1,8 +1,8 @@
 """``pnnh report DIR``: the table, plots and machine-readable results of a sweep.
 
 Writes ``DIR/report.md``, ``DIR/results.csv`` (one row per cell), ``DIR/results.json`` (cells
-and the aggregate rows) and PNG plots: accuracy vs depth, accuracy vs parameters, training
-throughput, and similarity to the input per layer.
+and the aggregate rows) and PNG plots: accuracy vs depth, accuracy vs parameters, learning curves,
+training throughput, and similarity to the input per layer.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -95,6 +96,7 @@ def table_by_depth(rows: list[dict]) -> str | None:
 
 
 DEFAULT_REFERENCE = "resnet"
+NOTES_FILE = "notes.md"
 
 
 def table_vs_reference(cells: list[dict], reference: str) -> str | None:
@@ -126,7 +128,9 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
     """Write the report files for the sweep in ``out``; return the path of report.md.
 
     ``reference``: the variant every other one is compared with, seed by seed (default:
-    ``resnet`` when the sweep has it, else no comparison); a name the sweep lacks is a ValueError."""
+    ``resnet`` when the sweep has it, else no comparison); a name the sweep lacks is a ValueError.
+    Text in ``out/notes.md`` (how the sweep was run, caveats) goes under the title: report.md
+    itself is rewritten on every call, so write notes there, not in report.md."""
     out = Path(out)
     cells = read_cells(out)
     if not cells:
@@ -146,12 +150,15 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
     colors = variant_colors(list(dict.fromkeys(r["variant"] for r in rows)))
     plots = [plot_accuracy_vs_depth(rows, out, colors), plot_accuracy_vs_params(rows, out, colors),
-             plot_throughput(rows, out, colors), plot_similarity(cells, out, colors)]
+             plot_curves(cells, out, colors), plot_throughput(rows, out, colors),
+             plot_similarity(cells, out, colors)]
     versions = manifest.get("versions", {})
     train = manifest.get("train", {})
     failed = [f for r in rows for f in r["failed"]]
+    notes = out / NOTES_FILE  # the user's words about this sweep: kept when the report is rewritten
     text = [
         "# pnnh sweep report", "",
+        *([notes.read_text().strip(), ""] if notes.exists() else []),
         f"Command: `{manifest.get('command', '?')}`", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None), "",
         "Training recipe (shared by every cell): " + ", ".join(f"{k}={v}" for k, v in train.items()), "",
@@ -259,6 +266,64 @@ def plot_throughput(rows: list[dict], out: Path, colors: dict | None = None) -> 
     ax.set(xlabel="depth", ylabel="training images / s", title="Training throughput (this machine)")
     _legend(ax)
     return _save(fig, out / "throughput.png")
+
+
+def read_history(cell_dir: Path) -> list[dict]:
+    """A cell's per-epoch metrics (``metrics.jsonl``), one entry per epoch (the last line written
+    for an epoch wins: a run killed and resumed may have written one twice); [] without a file."""
+    path = cell_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: the epoch before it stands
+            continue
+        if isinstance(entry, dict) and "epoch" in entry:
+            by_epoch[entry["epoch"]] = entry
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_curves(cells: list[dict], out: Path, colors: dict | None = None) -> Path | None:
+    """Per depth: held-out accuracy (validation when every epoch has it, else test) and training
+    loss per epoch, mean over the finished seeds of each variant with their min-max band: does each
+    net converge within the budget? ``None`` when no cell has a history."""
+    curves: dict[tuple, list[list[dict]]] = {}
+    for cell in cells:
+        history = read_history(out / "cells" / cell["id"]) if cell["status"] == "ok" else []
+        if history:
+            curves.setdefault((cell["depth"], cell["variant"]), []).append(history)
+    if not curves:
+        return None
+    use_val = all(h.get("val_acc") is not None for runs in curves.values() for run in runs for h in run)
+    key, split = ("val_acc", "validation") if use_val else ("test_acc", "test")
+    depths = sorted({d for d, _ in curves})
+    colors = colors or variant_colors(list(dict.fromkeys(v for _, v in curves)))
+    fig, axes = plt.subplots(2, len(depths), figsize=(3.6 * len(depths) + 1, 6), squeeze=False, sharex="col")
+    for col, depth in enumerate(depths):
+        top, bottom = axes[0][col], axes[1][col]
+        for (d, variant), runs in curves.items():
+            if d != depth:
+                continue
+            epochs = min(len(run) for run in runs)  # seeds agree on the budget; be safe with a short one
+            xs = [runs[0][i]["epoch"] for i in range(epochs)]
+            for ax, name, scale in ((top, key, 100.0), (bottom, "train_loss", 1.0)):
+                ys = [[scale * run[i][name] for run in runs if run[i].get(name) is not None] for i in range(epochs)]
+                if not all(ys):
+                    continue
+                ax.plot(xs, [statistics.fmean(y) for y in ys], marker=".", color=colors[variant],
+                        label=f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+                if len(runs) > 1:
+                    ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colors[variant], alpha=0.15)
+        top.set(title=f"depth {depth}", ylabel=f"{split} accuracy (%)" if col == 0 else None)
+        bottom.set(xlabel="epoch", ylabel="training loss (log)" if col == 0 else None, yscale="log")
+        bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    _legend(axes[0][-1])
+    fig.suptitle("Learning curves: mean over seeds, band = min to max")
+    return _save(fig, out / "learning_curves.png")
 
 
 def plot_similarity(cells: list[dict], out: Path, colors: dict | None = None) -> Path | None:
