@@ -301,6 +301,7 @@ def plot_curves(cells: list[dict], out: Path, colors: dict | None = None) -> Pat
     depths = sorted({d for d, _ in curves})
     colors = colors or variant_colors(list(dict.fromkeys(v for _, v in curves)))
     fig, axes = plt.subplots(2, len(depths), figsize=(3.6 * len(depths) + 1, 6), squeeze=False, sharex="col")
+    handles = {}  # one legend entry per variant, whichever depths it has curves at
     for col, depth in enumerate(depths):
         top, bottom = axes[0][col], axes[1][col]
         for (d, variant), runs in curves.items():
@@ -312,8 +313,8 @@ def plot_curves(cells: list[dict], out: Path, colors: dict | None = None) -> Pat
                 ys = [[scale * run[i][name] for run in runs if run[i].get(name) is not None] for i in range(epochs)]
                 if not all(ys):
                     continue
-                ax.plot(xs, [statistics.fmean(y) for y in ys], marker=".", color=colors[variant],
-                        label=f"{variant} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+                line, = ax.plot(xs, [statistics.fmean(y) for y in ys], marker=".", color=colors[variant])
+                handles.setdefault(variant, line)
                 if len(runs) > 1:
                     ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colors[variant], alpha=0.15)
         top.set(title=f"depth {depth}", ylabel=f"{split} accuracy (%)" if col == 0 else None)
@@ -321,8 +322,9 @@ def plot_curves(cells: list[dict], out: Path, colors: dict | None = None) -> Pat
         bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    _legend(axes[0][-1])
-    fig.suptitle("Learning curves: mean over seeds, band = min to max")
+    order = [v for v in colors if v in handles]
+    axes[0][-1].legend([handles[v] for v in order], order, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle("Learning curves: mean over the finished seeds, band = min to max")
     return _save(fig, out / "learning_curves.png")
 
 
