@@ -202,6 +202,7 @@ def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp
     assert unfinished_cells(out) == ([], [])
     assert "Part-way" not in write_report(out).read_text()
 
+
 def test_a_sweep_waits_out_a_lock_held_for_a_moment(tmp_path):
     """A lock taken briefly (how ``pnnh report`` asks whether a cell is training) does not make a
     sweep skip the cell: the claim retries for a while before it calls the cell busy."""
