@@ -148,7 +148,7 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
     reference = reference or (DEFAULT_REFERENCE if DEFAULT_REFERENCE in variants else None)
     _write_csv(out / "results.csv", cells)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
-    colors = variant_colors(list(dict.fromkeys(r["variant"] for r in rows)))
+    colors = variant_colors(variants)  # aggregate keeps the cells' variant order
     plots = [plot_accuracy_vs_depth(rows, out, colors), plot_accuracy_vs_params(rows, out, colors),
              plot_curves(cells, out, colors), plot_throughput(rows, out, colors),
              plot_similarity(cells, out, colors)]
