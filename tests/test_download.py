@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import shutil
+import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pnnh.cli import main
 from pnnh.data import ChecksumError, DownloadError, download, load_dataset
 from pnnh.data.download import SHA256
 from datafiles import FASHION_FILES, tar_gz, write_cifar10
@@ -124,14 +126,26 @@ def test_truncated_file_is_rejected_and_nothing_left(served, tmp_path, how):
     with pytest.raises(error, match=message):
         download("fashion-mnist", tmp_path / "data", base_url=served.url,
                  digests={LABELS: DEBIAN_FASHION_SHA256[LABELS]}, progress=False)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # no directory left that the download made
 
 
 def test_http_404(served, tmp_path):
     with pytest.raises(DownloadError, match=r"/missing.gz: HTTP 404"):
         download("fashion-mnist", tmp_path / "data", base_url=served.url, digests={"missing.gz": "0" * 64},
                  progress=False)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # no directory left that the download made
+
+
+def test_cli_download_without_network_is_one_line_and_leaves_no_directory(tmp_path, capsys):
+    """Nothing listens on the port: the same error a machine without network gets, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the download tries it
+    root = tmp_path / "a" / "b"
+    assert main(["data", "download", "mnist", "--data-dir", str(root), "--base-url", f"http://127.0.0.1:{port}/"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pnnh data: error: http://127.0.0.1:") and "Connection refused" in err
+    assert err.count("\n") == 1 and not (tmp_path / "a").exists()
 
 
 def test_verified_file_is_not_downloaded_again(served, tmp_path):
@@ -164,7 +178,7 @@ def test_load_dataset_download_uses_official_table_and_data_dir(served, tmp_path
     with pytest.raises(ChecksumError, match="mnist/train-images-idx3-ubyte.gz: SHA-256 mismatch, expected 440fcabf"):
         load_dataset("mnist", data_dir=tmp_path / "data", download=True)
     assert served.requests == ["/mnist/train-images-idx3-ubyte.gz"]
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # no directory left that the download made
 
 
 def test_cifar_archive_download_and_extract(tmp_path):

@@ -3,12 +3,14 @@
 Every dataset ends up as a :class:`DataSplits` of CPU uint8 image tensors (N, C, H, W)
 and int64 labels, small enough to live on the device whole (see `TensorLoader`).
 
-Where files are looked for (first complete match wins), for a dataset called NAME:
-``data_dir/NAME``, ``data_dir``, ``$PNNH_DATA/NAME``, ``$PNNH_DATA``, the download
-cache ``$XDG_CACHE_HOME/pnnh/data/NAME`` (default ``~/.cache/pnnh/data/NAME``), and for
-fashion-mnist Debian's ``/usr/share/datasets/fashion-mnist``. With ``download=True`` a
-dataset found nowhere is downloaded into the first of ``data_dir``, ``$PNNH_DATA``,
-the cache (in its ``NAME`` subfolder).
+Where files are looked for, for a dataset called NAME: an explicit ``data_dir`` is the
+only place searched (``data_dir/NAME``, then ``data_dir``): a path the user names is used
+or the load fails, never silently replaced by another copy. Without one, the first
+complete match of ``$PNNH_DATA/NAME``, ``$PNNH_DATA``, the download cache
+``$XDG_CACHE_HOME/pnnh/data/NAME`` (default ``~/.cache/pnnh/data/NAME``) and, for
+fashion-mnist, Debian's ``/usr/share/datasets/fashion-mnist`` wins. With ``download=True``
+a dataset found nowhere is downloaded into the first of ``data_dir``, ``$PNNH_DATA``, the
+cache (in its ``NAME`` subfolder).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import download as dl
-from .formats import read_cifar_batch, read_idx_pair, read_image_folder, safe_extract_tar
+from .formats import check_labels, read_cifar_batch, read_idx_pair, read_image_folder, safe_extract_tar
 
 __all__ = ["DataSplits", "DatasetNotFoundError", "list_datasets", "load_dataset",
            "balanced_indices", "default_cache_dir", "DATA_ENV"]
@@ -89,13 +91,15 @@ def default_cache_dir() -> Path:
 
 
 def _roots(data_dir: str | os.PathLike | None) -> list[Path]:
-    """User-chosen data roots, in priority order."""
-    roots = [data_dir, os.environ.get(DATA_ENV)]
-    return [Path(r).expanduser() for r in roots if r]
+    """The user-chosen data root: ``data_dir`` when given, else ``$PNNH_DATA`` if set."""
+    root = data_dir or os.environ.get(DATA_ENV)
+    return [Path(root).expanduser()] if root else []
 
 
 def _candidates(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
     dirs = [d for root in _roots(data_dir) for d in (root / name, root)]
+    if data_dir:  # an explicit path is used or fails: no fallback to another copy
+        return dirs
     dirs.append(default_cache_dir() / name)
     if name == "fashion-mnist":
         dirs.append(_FASHION_SYSTEM_DIR)
@@ -129,10 +133,14 @@ def _locate(name: str, data_dir, download: bool, describe: str,
         found = resolve(dl.download(name, root))
         if found is not None:
             return found
-    places = "\n  ".join(str(d) for d in searched)
-    raise DatasetNotFoundError(
-        f"dataset {name!r} not found: needs {describe}. Looked in:\n  {places}\n"
-        f"To get it: {_how_to_get(name)}.")
+    places = ", ".join(str(d) for d in searched)
+    given = Path(data_dir).expanduser() if data_dir else None
+    if given is not None and not given.is_dir():
+        fetch = "; pass --download to fetch the dataset into it" if name in dl.SHA256 else ""
+        what = "is not a directory" if given.exists() else "does not exist"
+        raise DatasetNotFoundError(f"dataset {name!r} not found: data_dir {given} {what}{fetch}")
+    raise DatasetNotFoundError(f"dataset {name!r} not found: needs {describe}; looked in {places}; "
+                               f"to get it: {_how_to_get(name)}")
 
 
 # --- readers -------------------------------------------------------------------------
@@ -156,6 +164,8 @@ def _read_idx_dataset(name: str, data_dir, download: bool, **_) -> _Raw:
                 resolve)
     train_x, train_y = read_idx_pair(_idx_file(d, _IDX_STEMS[0]), _idx_file(d, _IDX_STEMS[1]))
     test_x, test_y = read_idx_pair(_idx_file(d, _IDX_STEMS[2]), _idx_file(d, _IDX_STEMS[3]))
+    check_labels(train_y, 10, _idx_file(d, _IDX_STEMS[1]))
+    check_labels(test_y, 10, _idx_file(d, _IDX_STEMS[3]))
     return _Raw(train_x, train_y, test_x, test_y, 10)
 
 
@@ -186,6 +196,8 @@ def _read_cifar(name: str, data_dir, download: bool, **_) -> _Raw:
 
     def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         parts = [read_cifar_batch(d / f, spec["label_key"]) for f in names]
+        for f, (_, labels) in zip(names, parts):
+            check_labels(labels, spec["num_classes"], d / f)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     return _Raw(*read(spec["train"]), *read(spec["test"]), spec["num_classes"])

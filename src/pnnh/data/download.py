@@ -110,7 +110,8 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, progress: bool = Tr
             except urllib.error.HTTPError as err:
                 raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
             except (OSError, http.client.HTTPException) as err:
-                raise DownloadError(f"{url}: {getattr(err, 'reason', None) or err!r}") from err
+                why = getattr(err, "reason", None) or getattr(err, "strerror", None) or repr(err)
+                raise DownloadError(f"{url}: {why} (no network? {BASE_URL_ENV} or --base-url names a mirror)") from err
             # http.client returns a short body without complaint when the peer hangs up.
             if total is not None and received != total:
                 raise DownloadError(f"{url}: truncated, received {received} of {total} bytes")
@@ -145,13 +146,15 @@ def download(name: str, root: str | os.PathLike, *, base_url: str | None = None,
     base = base.replace("{name}", name).rstrip("/") + "/"
     digests = SHA256[name] if digests is None else digests
     target = Path(root) / name
-    created = not target.exists()
+    created = [d for d in (target, *target.parents) if not d.exists()]  # deepest first
     target.mkdir(parents=True, exist_ok=True)
     try:
         for filename, digest in digests.items():
             fetch(base + filename, target / filename, digest, progress=progress, timeout=timeout)
     except BaseException:
-        if created and not any(target.iterdir()):
-            target.rmdir()
+        for d in created:  # a failed download leaves no directory behind that it made
+            if any(d.iterdir()):
+                break
+            d.rmdir()
         raise
     return target

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
     "read_idx",
     "read_idx_pair",
     "read_cifar_batch",
+    "check_labels",
     "safe_extract_tar",
     "read_image_folder",
 ]
@@ -91,6 +93,15 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
     return images[:, None], labels.astype(np.int64)
 
 
+def check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Refuse labels outside 0..num_classes-1 now, not as an index error at the first loss."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DatasetFormatError(f"{path}: label {int(labels[i])} at index {i} is outside the {num_classes} classes "
+                                 f"0..{num_classes - 1} ({int(bad.sum())} such labels)")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batches without running arbitrary code from the file.
 
@@ -151,9 +162,10 @@ def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> lis
                 target = (root / m.name).resolve()
                 if not (m.isfile() or m.isdir()):
                     raise DatasetFormatError(f"{archive}: refusing member {m.name!r} (not a regular file or directory)")
-                if os.path.isabs(m.name) or root not in target.parents:
+                inside = root in target.parents or (m.isdir() and target == root)  # "." or "./": dest itself
+                if os.path.isabs(m.name) or not inside:
                     raise DatasetFormatError(f"{archive}: refusing member {m.name!r} (path escapes {dest})")
-            tops = sorted({Path(m.name).parts[0] for m in members})
+            tops = sorted({Path(m.name).parts[0] for m in members if Path(m.name).parts})
             clash = [str(dest / t) for t in tops if (dest / t).exists()]
             if clash:  # never overwrite what is there: it may be the user's
                 raise FileExistsError(f"extracting {archive} would overwrite {clash}; move them away to re-extract")
@@ -181,7 +193,17 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     does; stretching would distort objects differently per image.
     """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it; a dataset image that large is refused
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DatasetFormatError(f"{path}: refused, the image declares more pixels than Pillow's limit of "
+                                 f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?): {err}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DatasetFormatError(f"{path}: cannot read image ({err})") from err
+    try:
+        with im:
             im = im.convert("RGB")
             scale = size / min(im.size)
             w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
@@ -212,6 +234,14 @@ def read_image_folder(root: str | os.PathLike, size: int, classes: list[str] | N
     if not files:
         raise DatasetFormatError(
             f"{root}: no images found; expected {root}/<class>/<image> with extensions {IMAGE_EXTENSIONS}")
+    if classes is found:  # the train split defines the classes: an empty folder would be a class with no images
+        labelled = {label for _, label in files}
+        empty = [name for label, name in enumerate(classes) if label not in labelled]
+        if empty:
+            folder = root / empty[0]
+            link = f" (a symlink to {os.readlink(folder)})" if folder.is_symlink() else ""
+            raise DatasetFormatError(f"{folder}: class folder holds no images{link}; remove it or add images "
+                                     f"with extensions {IMAGE_EXTENSIONS} ({len(empty)} such folder(s))")
     images = np.empty((len(files), 3, size, size), np.uint8)
     for i, (path, _) in enumerate(tqdm(files, desc=f"reading {root.name}", unit="img", leave=False)):
         images[i] = _load_image(path, size)
