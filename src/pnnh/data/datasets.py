@@ -28,7 +28,7 @@ from . import download as dl
 from .formats import check_labels, read_cifar_batch, read_idx_pair, read_image_folder, safe_extract_tar
 
 __all__ = ["DataSplits", "DatasetNotFoundError", "list_datasets", "load_dataset",
-           "balanced_indices", "default_cache_dir", "DATA_ENV"]
+           "balanced_indices", "split_indices", "folder_splits", "default_cache_dir", "DATA_ENV"]
 
 DATA_ENV = "PNNH_DATA"
 _FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -203,18 +203,24 @@ def _read_cifar(name: str, data_dir, download: bool, **_) -> _Raw:
     return _Raw(*read(spec["train"]), *read(spec["test"]), spec["num_classes"])
 
 
-def _read_folder(name: str, data_dir, download: bool, img_size: int | None, **_) -> _Raw:
+def folder_splits(data_dir: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(train, val or test) directories of the `folder` dataset in ``data_dir`` (or ``$PNNH_DATA``)."""
     roots = _roots(data_dir)
     layout = "train/<class>/<image> and val/<class>/<image> (or test/)"
     for root in roots:
         test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
         if (root / "train").is_dir() and test_dir is not None:
-            size = img_size or 32
-            train_x, train_y, classes = read_image_folder(root / "train", size)
-            test_x, test_y, _ = read_image_folder(test_dir, size, classes)
-            return _Raw(train_x, train_y, test_x, test_y, len(classes))
+            return root / "train", test_dir
     places = ", ".join(map(str, roots)) or f"nothing (no data_dir given and ${DATA_ENV} unset)"
     raise DatasetNotFoundError(f"dataset 'folder' needs a data_dir holding {layout}; looked in: {places}")
+
+
+def _read_folder(name: str, data_dir, download: bool, img_size: int | None, **_) -> _Raw:
+    train_dir, test_dir = folder_splits(data_dir)
+    size = img_size or 32
+    train_x, train_y, classes = read_image_folder(train_dir, size)
+    test_x, test_y, _ = read_image_folder(test_dir, size, classes)
+    return _Raw(train_x, train_y, test_x, test_y, len(classes))
 
 
 # One fixed split for every run, so test accuracies are comparable across seeds.
@@ -317,6 +323,27 @@ def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 _VAL, _TRAIN_SUBSET, _TEST_SUBSET = 1, 2, 3
 
 
+def split_indices(name: str, train_y: np.ndarray, test_y: np.ndarray, *, val_size: int, seed: int,
+                  train_subset: int | None, test_subset: int | None,
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Indices (train, val or None, test) into the raw splits for `load_dataset`'s arguments.
+
+    The validation split is carved out of train first, then the subsets are drawn, each from
+    its own seeded stream; the streaming path calls this too, so it selects the same images.
+    """
+    train, val, test = np.arange(len(train_y)), None, np.arange(len(test_y))
+    if val_size:
+        if val_size >= len(train_y):
+            raise ValueError(f"val_size={val_size} leaves no training data ({name} has {len(train_y)} train images)")
+        val = balanced_indices(train_y, val_size, np.random.default_rng([seed, _VAL]))
+        train = np.setdiff1d(train, val)
+    if train_subset is not None:
+        train = train[balanced_indices(train_y[train], train_subset, np.random.default_rng([seed, _TRAIN_SUBSET]))]
+    if test_subset is not None:
+        test = test[balanced_indices(test_y, test_subset, np.random.default_rng([seed, _TEST_SUBSET]))]
+    return train, val, test
+
+
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  val_size: int = 0, seed: int = 0, train_subset: int | None = None,
                  test_subset: int | None = None, img_size: int | None = None,
@@ -353,20 +380,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     if num_classes is not None and num_classes != raw.num_classes:
         raise ValueError(f"num_classes={num_classes} but {name} has {raw.num_classes} classes")
 
-    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
-    val_x = val_y = None
-    if val_size:
-        if val_size >= len(train_y):
-            raise ValueError(f"val_size={val_size} leaves no training data ({name} has {len(train_y)} train images)")
-        val = balanced_indices(train_y, val_size, np.random.default_rng([seed, _VAL]))
-        keep = np.setdiff1d(np.arange(len(train_y)), val)
-        val_x, val_y, train_x, train_y = train_x[val], train_y[val], train_x[keep], train_y[keep]
-    if train_subset is not None:
-        sub = balanced_indices(train_y, train_subset, np.random.default_rng([seed, _TRAIN_SUBSET]))
-        train_x, train_y = train_x[sub], train_y[sub]
-    if test_subset is not None:
-        sub = balanced_indices(test_y, test_subset, np.random.default_rng([seed, _TEST_SUBSET]))
-        test_x, test_y = test_x[sub], test_y[sub]
+    train, val, test = split_indices(name, raw.train_y, raw.test_y, val_size=val_size, seed=seed,
+                                     train_subset=train_subset, test_subset=test_subset)
+    train_x, train_y, test_x, test_y = raw.train_x[train], raw.train_y[train], raw.test_x[test], raw.test_y[test]
+    val_x, val_y = (raw.train_x[val], raw.train_y[val]) if val is not None else (None, None)
 
     def images(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))

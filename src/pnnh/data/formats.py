@@ -15,6 +15,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,6 +30,8 @@ __all__ = [
     "check_labels",
     "safe_extract_tar",
     "read_image_folder",
+    "list_image_folder",
+    "decode_image",
 ]
 
 
@@ -192,32 +195,48 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     Keeping the aspect ratio and cropping the center is what ImageNet-style evaluation
     does; stretching would distort objects differently per image.
     """
+    im = decode_image(path, path)
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_image(source: str | os.PathLike | IO[bytes], where: object) -> Image.Image:
+    """The image in ``source`` (a path or a binary file) decoded as RGB.
+
+    Raises DatasetFormatError naming ``where`` for bytes that are no image, and for an image
+    declaring more pixels than Pillow's limit (a decompression bomb).
+    """
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its pixel limit and twice it; a dataset image that large is refused
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            with Image.open(source) as im:
+                return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DatasetFormatError(f"{path}: refused, the image declares more pixels than Pillow's limit of "
+        raise DatasetFormatError(f"{where}: refused, the image declares more pixels than Pillow's limit of "
                                  f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?): {err}") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise DatasetFormatError(f"{path}: cannot read image ({err})") from err
-    try:
-        with im:
-            im = im.convert("RGB")
-            scale = size / min(im.size)
-            w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-            im = im.resize((w, h), Image.Resampling.BILINEAR)
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DatasetFormatError(f"{path}: cannot read image ({err})") from err
+        raise DatasetFormatError(f"{where}: cannot read image ({err})") from err
 
 
 def read_image_folder(root: str | os.PathLike, size: int, classes: list[str] | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images from `root/<class>/<file>`: (N, 3, size, size) uint8, labels, class names.
+    """Images from `root/<class>/<file>`: (N, 3, size, size) uint8, labels, class names
+    (numbered as `list_image_folder` says)."""
+    files, classes = list_image_folder(root, classes)
+    images = np.empty((len(files), 3, size, size), np.uint8)
+    for i, (path, _) in enumerate(tqdm(files, desc=f"reading {Path(root).name}", unit="img", leave=False)):
+        images[i] = _load_image(path, size)
+    return images, np.array([label for _, label in files], np.int64), classes
+
+
+def list_image_folder(root: str | os.PathLike, classes: list[str] | None = None,
+                      ) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image path, label) pairs of `root/<class>/<file>`, sorted, and the class names.
 
     Classes are the sorted subfolder names unless `classes` is given (so a test split
     uses the train split's label numbering; a class folder unknown to it is an error).
@@ -242,7 +261,4 @@ def read_image_folder(root: str | os.PathLike, size: int, classes: list[str] | N
             link = f" (a symlink to {os.readlink(folder)})" if folder.is_symlink() else ""
             raise DatasetFormatError(f"{folder}: class folder holds no images{link}; remove it or add images "
                                      f"with extensions {IMAGE_EXTENSIONS} ({len(empty)} such folder(s))")
-    images = np.empty((len(files), 3, size, size), np.uint8)
-    for i, (path, _) in enumerate(tqdm(files, desc=f"reading {root.name}", unit="img", leave=False)):
-        images[i] = _load_image(path, size)
-    return images, np.array([label for _, label in files], np.int64), classes
+    return files, classes
