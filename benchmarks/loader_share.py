@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import pnnh
 from pnnh.data import TensorLoader, load_dataset
-from pnnh.train.checkpoint import atomic_write, atomic_write_text
+from pnnh.io import atomic_write_text, write_png
 
 
 matplotlib.use("Agg")  # files only, no display
@@ -101,7 +101,7 @@ def main() -> None:
     ax.set_xlabel("ms per batch of %d (median of %d blocks)" % (args.batch_size, args.rounds))
     ax.set_title(f"loader share {100 * result['loader_share']:.2f}% ({data})")
     fig.tight_layout()
-    atomic_write(out / "loader_share.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    write_png(out / "loader_share.png", fig, dpi=120)
     print(f"wrote {out / 'loader_share.json'} and {out / 'loader_share.png'}")
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave, paired_ratio, timed
 from pnnh.models.layers import PNNHConv
-from pnnh.train.checkpoint import atomic_write, atomic_write_text
+from pnnh.io import atomic_write_text, write_png
 
 
 def norm_act_micro(repeats: int = 5, calls: int = 5) -> list[dict]:
@@ -180,7 +180,7 @@ def main() -> None:
     ax.invert_yaxis()
     ax.set_xlabel(f"training images/s ({setting.label}, batch {args.batch_size}; median, min-max)")
     fig.tight_layout()
-    atomic_write(out / "speed.png", lambda f: fig.savefig(f, format="png", dpi=110))
+    write_png(out / "speed.png", fig)
     print(f"wrote {out}/speed.json, speed.png, norm_act.json, profile_*.txt")
 
 

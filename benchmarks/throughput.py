@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pnnh.experiments.bench_cli import add_arguments, run
+from pnnh.cli.bench import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

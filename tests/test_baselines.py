@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import pnnh
 from pnnh.data import TensorLoader, load_dataset
 from pnnh.models.baselines import (CIFAR_BASELINES, RESIDUAL_BASELINES, DiracConv2d, FixedRandomLift, RepVGGBlock,
-                                   ScaledResidualBlock, apply_init, delta_orthogonal_, fixup_scale, q_preserving_gain)
+                                   ScaledResidualBlock, fixup_scale)
+from pnnh.models.init import apply_init, delta_orthogonal_, q_preserving_gain
 from pnnh.models.cnn import CIFAR_DEPTHS
 from pnnh.models.tat import (leaky_relu_cmap, leaky_relu_scale, monte_carlo_cmap, network_cmap,
                              tat_leaky_relu_slope)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import pnnh
-from pnnh.experiments import bench_cli
+from pnnh.cli import bench as bench_cli
 from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, count_flops, interleave
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pnnh.cli import build_parser
-from pnnh.train.cli import config_from_args
+from pnnh.cli.train import config_from_args
 from pnnh.train.config import (FIELDS, ConfigError, TrainConfig, bf16_supported, dump_config, load_config,
                                resolve_config)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pnnh.data import (DatasetFormatError, DatasetNotFoundError, TensorLoader, balanced_indices, list_datasets,
                        load_dataset)
-from pnnh.data import cli as data_cli
+from pnnh.cli import data as data_cli
 from pnnh.data import datasets as datasets_module
 from pnnh.data.formats import read_idx, safe_extract_tar
 

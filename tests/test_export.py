@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
@@ -10,12 +9,12 @@ import pytest
 import torch
 
 import pnnh
-from pnnh import export_cli
+from pnnh.cli import export as export_cli
 from pnnh.data import load_dataset
-from pnnh.export import ExportError, check_batch, export_run, residual_counterpart
+from pnnh.models import fold as fold_module
+from pnnh.experiments.export import ExportError, check_batch, export_run, residual_counterpart
 from pnnh.train import train
 
-FOLD = importlib.import_module("pnnh.fold")  # the module, even if `pnnh.fold` names the function
 # TorchScript is the requested format; its upstream deprecation notice is not this test's concern.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 FAST = {"check_images": 64, "batch_size": 32, "repeats": 1, "steps": 1, "progress": False}
@@ -80,7 +79,7 @@ def test_onnx_without_its_packages_says_how_to_get_them(run_dir, tmp_path, monke
 def test_failed_verification_is_loud_and_keeps_the_previous_file(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "model.pt"
     out.write_bytes(b"an earlier export")
-    real_fold = FOLD.fold
+    real_fold = fold_module.fold
 
     def broken_fold(model):  # a folding bug: the head's bias drifts by 1e-3
         folded = real_fold(model)

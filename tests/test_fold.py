@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import pnnh
 from pnnh.data import load_dataset
-from pnnh.fold import fold, fold_conv_bn
+from pnnh.models.fold import fold, fold_conv_bn
 from pnnh.models.layers import Coder, PartialBatchNorm, PNNHConv
 
 IMG = 16

@@ -18,7 +18,8 @@ from pnnh.cli import main as cli_main
 from pnnh.data import TensorLoader, load_dataset
 from pnnh.models import create_model, list_models, register_model
 from pnnh.train import ConfigError, TrainingDiverged, load_config, resolve_config, train
-from pnnh.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from pnnh.io import atomic_write
+from pnnh.train.checkpoint import load_checkpoint, save_checkpoint
 from pnnh.train.optim import build_optimizer, lr_factor, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,7 +313,7 @@ def test_lr_schedules():
 
 
 def test_atomic_write_gives_the_usual_file_permissions(tmp_path):
-    from pnnh.train.checkpoint import _UMASK, atomic_write_text
+    from pnnh.io import _UMASK, atomic_write_text
 
     atomic_write_text(tmp_path / "a.txt", "x")
     # mkstemp alone would leave 0o600 (unreadable to the group even with umask 022).
@@ -334,3 +335,65 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(small_run, tmp_
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     model = create_model("resnet8", width=8, num_classes=10, in_chans=1, img_size=8)
     model.load_state_dict(load_checkpoint(tmp_path / "last.pt")["model"])  # strict: names match
+
+
+class _Counting:
+    """A user callback: plain object, no base class, every hook recorded."""
+
+    def __init__(self):
+        self.calls = {"start": [], "step": [], "epoch": [], "end": []}
+
+    def on_train_start(self, info):
+        self.calls["start"].append(info)
+
+    def on_step(self, step, loss):
+        self.calls["step"].append((step, loss))
+
+    def on_epoch_end(self, epoch, record):
+        self.calls["epoch"].append((epoch, record))
+
+    def on_train_end(self, result):
+        self.calls["end"].append(result)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_callbacks_are_called_at_each_step_and_epoch(tmp_path):
+    from pnnh.train import Callback
+
+    class EpochsOnly(Callback):  # subclass of the protocol: the hooks it does not override are no-ops
+        def __init__(self):
+            self.epochs = []
+
+        def on_epoch_end(self, epoch, record):
+            self.epochs.append(epoch)
+
+    counting, epochs_only = _Counting(), EpochsOnly()
+    cfg = {**SMALL, "epochs": 2, "val_size": 0, "out": str(tmp_path / "run")}
+    result = train(cfg, progress=False, callbacks=[counting, epochs_only, object()])  # object(): has no hook
+    calls, lines = counting.calls, read_metrics(tmp_path / "run")
+    assert len(calls["start"]) == 1 and calls["end"] == [result]
+    info = calls["start"][0]
+    assert info["steps_per_epoch"] == 8 and info["total_steps"] == 16 and info["start_epoch"] == 1
+    assert info["params"] == result.params and info["config"].lr == 0.05  # the resolved config
+    assert [s for s, _ in calls["step"]] == list(range(1, 17))  # 512 images / batch 64, 2 epochs
+    assert all(math.isfinite(loss) for _, loss in calls["step"])
+    assert [e for e, _ in calls["epoch"]] == [1, 2] and epochs_only.epochs == [1, 2]
+    assert [r for _, r in calls["epoch"]] == lines  # the record is the metrics.jsonl line
+    # the mean of an epoch's step losses is its train_loss (equal batches here)
+    assert sum(loss for _, loss in calls["step"][:8]) / 8 == pytest.approx(lines[0]["train_loss"], rel=1e-9)
+
+
+def test_a_callback_exception_stops_training_and_propagates(tmp_path):
+    class StopAfterFirstEpoch:
+        def on_epoch_end(self, epoch, record):
+            raise _Stop(f"pruned at epoch {epoch}")
+
+    out = tmp_path / "run"
+    with pytest.raises(_Stop, match="pruned at epoch 1"):
+        train({**SMALL, "epochs": 3, "out": str(out)}, progress=False, callbacks=[StopAfterFirstEpoch()])
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the stopped run resumes from there
+    assert not (out / "result.json").exists()

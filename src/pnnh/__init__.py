@@ -4,12 +4,13 @@
     model = pnnh.create_model("pnnh56", num_classes=10, in_chans=1)
     pnnh.count_params(model), pnnh.find_shortcuts(model)   # about half a ResNet-56, and []
 """
+from pnnh.io import package_version
 from pnnh.models import CoderSpec, count_params, create_model, find_shortcuts, list_models, register_model
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 from pnnh import train  # noqa: E402  (callable: pnnh.train(config) -> TrainResult)
-from pnnh.fold import fold  # noqa: E402
+from pnnh.models.fold import fold  # noqa: E402
 
 __all__ = ["create_model", "list_models", "register_model", "count_params", "find_shortcuts", "CoderSpec",
            "train", "fold"]

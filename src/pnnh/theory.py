@@ -22,18 +22,14 @@ Cov(x_i, (Wx)_i) = sum_j E[W_ij] E[x_i x_j] = 0, so Var(y_i) = sigma^2 + 2(mu^2 
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pnnh.train.checkpoint import atomic_write, atomic_write_text
+from pnnh.io import format_table as _format_table
+from pnnh.io import write_png
 
 FORMS = ("exact", "paper")
 INPUT_DISTS = ("normal", "uniform", "relu")
@@ -190,15 +186,12 @@ def format_table(rows: list[dict]) -> str:
     header = ("net", "quantity", "paper formula", "paper", "exact formula", "exact", "Monte Carlo")
     body = [(r["net"], r["quantity"], r["paper_formula"], f"{r['paper']:.4f}",
              r["exact_formula"], f"{r['exact']:.4f}", f"{r['monte_carlo']:.4f}") for r in rows]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in (header, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"{_SURVIVAL}: paper/exact columns are Cantelli lower bounds "
-                 "μ_y²/(μ_y²+σ_y²) from that form's moments; Monte Carlo is the measured rate.")
-    return "\n".join(lines)
+    return (_format_table(header, body) + f"\n{_SURVIVAL}: paper/exact columns are Cantelli lower bounds "
+            "μ_y²/(μ_y²+σ_y²) from that form's moments; Monte Carlo is the measured rate.")
 
 
-def _plot_table(rows: list[dict], title: str, path: Path) -> None:
+def plot_table(rows: list[dict], title: str, path: Path) -> None:
+    """``theory_table`` rows as bars (paper, exact, Monte Carlo) per quantity, plain beside residual."""
     from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
 
     fig = Figure(figsize=(11, 4))
@@ -217,54 +210,4 @@ def _plot_table(rows: list[dict], title: str, path: Path) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
-def register(subparsers) -> None:
-    """Add the ``pnnh theory`` subcommand."""
-    p = subparsers.add_parser(
-        "theory",
-        help="Thm 3.2/3.3 moments and survival bound vs Monte Carlo",
-        description="Compare the paper's neuron-response formulas (Thm 3.2), the exact "
-                    "moments and the Cantelli survival bound (Thm 3.3) with a Monte-Carlo "
-                    "estimate, at He-normal init, for plain (y = Wx) and residual "
-                    "(y = x + Wx) layers.")
-    p.add_argument("--mu", type=float, default=0.4, help="input mean (default 0.4 ≈ ReLU(N(0,1)))")
-    p.add_argument("--sigma", type=float, default=0.58,
-                   help="input standard deviation, > 0 (default 0.58 ≈ ReLU(N(0,1)))")
-    p.add_argument("--width", type=int, default=512, help="layer width n = fan_in (default 512)")
-    p.add_argument("--samples", type=int, default=1000,
-                   help="Monte-Carlo draws of (W, x); each gives `width` neurons (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--input-dist", choices=INPUT_DISTS, default="normal",
-                   help="distribution of the input elements (default normal)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    p.add_argument("--out", type=Path, default=None,
-                   help="also write theory.json, theory.csv and theory.png into this directory")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``pnnh theory``."""
-    try:
-        rows = theory_table(args.mu, args.sigma, args.width, args.samples, args.seed,
-                            args.input_dist, progress=sys.stderr.isatty())
-    except ValueError as err:
-        print(f"pnnh theory: error: {err}", file=sys.stderr)
-        return 2
-    settings = {"mu": args.mu, "sigma": args.sigma, "width": args.width,
-                "samples": args.samples, "seed": args.seed, "input_dist": args.input_dist}
-    print(json.dumps({"settings": settings, "rows": rows}, indent=2) if args.json
-          else format_table(rows))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"settings": settings, "rows": rows}, indent=2)
-        atomic_write_text(args.out / "theory.json", payload)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(args.out / "theory.csv", buf.getvalue())
-        _plot_table(rows, f"He-normal init, μ={args.mu}, σ={args.sigma}, n={args.width}, "
-                          f"{args.input_dist} input", args.out / "theory.png")
-    return 0
+    write_png(path, fig, dpi=120)

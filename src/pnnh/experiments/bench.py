@@ -26,9 +26,7 @@ inference forwards, then one block of dense matmuls (the ceiling). How each figu
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import statistics
@@ -42,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
+
+from pnnh.io import atomic_write_text, format_table as _format_table, write_csv, write_png
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "cifar56": ("resnet56", "plain56", "pnnh56"),
@@ -308,19 +308,17 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """A fixed-width table: min / median / max images/s and the ratio to each group's first model."""
-    head = (f"{'group':<9} {'model':<14} {'setting':<26} {'params':>10} {'GFLOP/img':>9} "
-            f"{'train img/s min/med/max':>25} {'x base':>6} {'infer img/s min/med/max':>25} {'x base':>6} "
-            f"{'peak MB':>8} {'matmul%':>7}")
-    lines = [head, "-" * len(head)]
+    header = ("group", "model", "setting", "params", "GFLOP/img", "train img/s min/med/max", "x base",
+              "infer img/s min/med/max", "x base", "peak MB", "matmul%")
+    rows = []
     for r in records:
-        setting = Setting(r["precision"], r["channels_last"], r["compile"]).label
         spans = [f"{r[f'{k}_min']:.0f}/{r[k]:.0f}/{r[f'{k}_max']:.0f}"
                  for k in ("train_images_per_s", "infer_images_per_s")]
-        lines.append(
-            f"{r['group']:<9} {r['model']:<14} {setting:<26} {r['params']:>10,} {r['flops_per_image'] / 1e9:>9.3f} "
-            f"{spans[0]:>25} {r['train_ratio']:>6.2f} {spans[1]:>25} {r['infer_ratio']:>6.2f} "
-            f"{r['peak_memory_bytes'] / 2**20:>8.1f} {100 * r['matmul_fraction']:>7.1f}")
-    return "\n".join(lines)
+        rows.append((r["group"], r["model"], Setting(r["precision"], r["channels_last"], r["compile"]).label,
+                     f"{r['params']:,}", f"{r['flops_per_image'] / 1e9:.3f}", spans[0], f"{r['train_ratio']:.2f}",
+                     spans[1], f"{r['infer_ratio']:.2f}", f"{r['peak_memory_bytes'] / 2**20:.1f}",
+                     f"{100 * r['matmul_fraction']:.1f}"))
+    return _format_table(header, rows, align="<<<" + ">" * 8)
 
 
 CSV_FIELDS = ("group", "model", "baseline", "precision", "channels_last", "compile", "device", "batch_size",
@@ -337,17 +335,11 @@ def write_results(records: list[dict], out: str | Path, command: str = "") -> li
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
 
-    from pnnh.train.checkpoint import atomic_write, atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"bench.{ext}" for ext in ("json", "csv", "png", "txt")]
     atomic_write_text(paths[0], json.dumps(records, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(paths[1], buf.getvalue())
+    write_csv(paths[1], records, CSV_FIELDS)
 
     groups = list(dict.fromkeys(r["group"] for r in records))
     labels = [f"{r['group']}: {r['model']} ({Setting(r['precision'], r['channels_last'], r['compile']).label})"
@@ -362,7 +354,7 @@ def write_results(records: list[dict], out: str | Path, command: str = "") -> li
     axes[0].set_yticks(range(len(records)), labels, fontsize=8)
     fig.suptitle(f"batch {records[0]['batch_size']}, {records[0]['img_size']}px, {records[0]['device']}", fontsize=9)
     fig.tight_layout()
-    atomic_write(paths[2], lambda f: fig.savefig(f, format="png", dpi=110))
+    write_png(paths[2], fig)
     plt.close(fig)
     atomic_write_text(paths[3], (f"$ {command}\n" if command else "") + format_table(records) + "\n")
     return paths

@@ -6,8 +6,6 @@ training throughput, and similarity to the input per layer.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 from pathlib import Path
@@ -20,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from pnnh.experiments.sweep import read_cells, unfinished_cells  # noqa: E402
-from pnnh.train.checkpoint import atomic_write_text  # noqa: E402
+from pnnh.io import atomic_write_text, format_table, write_csv, write_png  # noqa: E402
 
 CSV_FIELDS = ("id", "variant", "family", "depth", "seed", "status", "test_acc", "best_acc", "val_acc", "params",
               "images_per_s", "seconds", "epochs", "reason")
@@ -146,7 +144,7 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
         raise ValueError(f"reference variant {reference!r} is not in this sweep's results; "
                          f"it has: {', '.join(variants)}")
     reference = reference or (DEFAULT_REFERENCE if DEFAULT_REFERENCE in variants else None)
-    _write_csv(out / "results.csv", cells)
+    write_csv(out / "results.csv", cells, CSV_FIELDS)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "cells": cells}, indent=1) + "\n")
     colors = variant_colors(variants)  # aggregate keeps the cells' variant order
     plots = [plot_accuracy_vs_depth(rows, out, colors), plot_accuracy_vs_params(rows, out, colors),
@@ -186,14 +184,6 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
     return report
 
 
-def _write_csv(path: Path, cells: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(cells)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def variant_colors(variants: list[str]) -> dict[str, tuple]:
     """One colour per variant, the same in every plot of a report (tab10, tab20 beyond 10)."""
     cmap, n = (plt.cm.tab10, 10) if len(variants) <= 10 else (plt.cm.tab20, 20)
@@ -218,7 +208,7 @@ def _legend(ax) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend placed outside the axes
+    write_png(path, fig, dpi=120, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
     plt.close(fig)
     return path
 
@@ -357,14 +347,8 @@ def plot_similarity(cells: list[dict], out: Path, colors: dict | None = None) ->
 
 
 def format_console_table(rows: list[dict]) -> str:
-    w = max([len("variant")] + [len(r["variant"]) for r in rows]) + 2
-    head = f"{'variant':<{w}}{'depth':>6}{'params':>12}{'test acc %':>18}{'val acc %':>11}{'seeds':>7}{'img/s':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        acc = _acc_text(r)
-        val = f"{r['val_mean']:.2f}" if r["val_mean"] is not None else "—"
-        ips = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—"
-        params = f"{r['params']:,}" if r["params"] else "—"
-        lines.append(f"{r['variant']:<{w}}{r['depth']:>6}{params:>12}{acc:>18}{val:>11}"
-                     f"{r['finished']:>5}/{r['seeds']:<2}{ips:>7}")
-    return "\n".join(lines)
+    header = ("variant", "depth", "params", "test acc %", "val acc %", "seeds", "img/s")
+    body = [(r["variant"], r["depth"], f"{r['params']:,}" if r["params"] else "—", _acc_text(r),
+             f"{r['val_mean']:.2f}" if r["val_mean"] is not None else "—", f"{r['finished']}/{r['seeds']}",
+             f"{r['images_per_s']:.0f}" if r["images_per_s"] else "—") for r in rows]
+    return format_table(header, body, align="<>>>>>>")

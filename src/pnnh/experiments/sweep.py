@@ -20,7 +20,6 @@ interrupted one from its ``last.pt``.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 import traceback
@@ -38,7 +37,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from pnnh.train.checkpoint import atomic_write_text
+from pnnh.io import atomic_write_text, versions
 from pnnh.train.config import ConfigError, TrainConfig, load_config
 
 PROBE_IMAGES = 256
@@ -355,10 +354,3 @@ def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
         return
     atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
 
-
-def versions() -> dict:
-    import pnnh
-
-    return {"pnnh": pnnh.__version__, "torch": str(torch.__version__), "python": platform.python_version(),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

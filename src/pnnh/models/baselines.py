@@ -30,10 +30,8 @@ as ``NAME`` with ``depth=``), built from the same stage layout as :mod:`pnnh.mod
 and one MLP, ``hourglass_mlp``: wide-narrow-wide residual blocks after a fixed random lift
 (Chen, Lee, Liao, Shiu, "Rethinking the shape convention of an MLP", 2025).
 
-Initialisation as a keyword (Xiao et al., "Dynamical Isometry and a Mean Field Theory of CNNs",
-ICML 2018): :func:`apply_init` re-initialises a built model's convolutions with
-``delta_orthogonal`` (3x3 kernels zero except an orthogonal centre tap) or ``orthogonal``
-(the MLPs' linear maps, which are 1x1 convolutions here).
+Every family also takes ``init=`` (he_normal, orthogonal, delta_orthogonal): see
+:mod:`pnnh.models.init`.
 """
 from __future__ import annotations
 
@@ -46,65 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pnnh.fold import fold_conv_bn
 from pnnh.models.cnn import CIFAR_DEPTHS, Conv, ConvNet, cifar_stages
-from pnnh.models.layers import ConvBNAct, PNNHConv, he_normal_
-from pnnh.models.mlp import FlattenToChannels
+from pnnh.models.fold import fold_conv_bn
+from pnnh.models.init import delta_orthogonal_, q_preserving_gain
+from pnnh.models.layers import ConvBNAct, FlattenToChannels, he_normal_
 from pnnh.models.registry import register_model
 from pnnh.models.tat import ScaledLeakyReLU, tat_leaky_relu_slope
-
-INITS = ("he_normal", "orthogonal", "delta_orthogonal")
-
-
-# ----------------------------------------------------------------------------- initialisation
-
-def delta_orthogonal_(weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-    """Delta-orthogonal init in place: zero everywhere but the kernel's centre tap, which is a
-    ``gain``-scaled orthogonal (out, in) matrix (orthonormal rows if out <= in, else columns).
-
-    A convolution so initialised maps every pixel's channel vector by the same orthogonal
-    matrix, so it preserves norms exactly, as a deep linear chain needs (Xiao et al. 2018).
-    """
-    if any(k % 2 == 0 for k in weight.shape[2:]):
-        raise ValueError(f"delta-orthogonal init needs odd kernel sizes (a centre tap), "
-                         f"got weight shape {tuple(weight.shape)}")
-    with torch.no_grad():
-        weight.zero_()
-        centre = (slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))
-        weight[centre] = nn.init.orthogonal_(torch.empty(weight.shape[:2]), gain)  # QR in float32
-    return weight
-
-
-def q_preserving_gain(fan_in: int, fan_out: int) -> float:
-    """Gain of an orthogonal (fan_out, fan_in) map that keeps the mean square per unit (the q map).
-
-    Orthonormal rows (fan_out <= fan_in) already keep it for isotropic inputs; orthonormal
-    columns keep the total norm, spread over more units, so they need sqrt(fan_out / fan_in).
-    """
-    return math.sqrt(max(1.0, fan_out / fan_in))
-
-
-def apply_init(model: nn.Module, name: str, gain: float = math.sqrt(2.0)) -> nn.Module:
-    """Re-initialise every convolution weight of ``model`` by ``name`` and return ``model``.
-
-    ``name``: ``he_normal`` (the zoo's default), ``orthogonal`` (the weight flattened to
-    (out, in * k * k); for the MLPs' 1x1 convolutions exactly an orthogonal matrix) or
-    ``delta_orthogonal``. ``gain`` sqrt(2) keeps the second moment through a ReLU, like He init.
-    Covers ``nn.Conv2d`` and the learner weights of PNNH layers; PNNH coders keep their
-    ``coder_init`` and the linear head keeps its default init (it reads out, it propagates nothing).
-    """
-    inits: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "he_normal": he_normal_,
-        "orthogonal": lambda w: nn.init.orthogonal_(w, gain),
-        "delta_orthogonal": lambda w: delta_orthogonal_(w, gain),
-    }
-    if name not in inits:
-        raise ValueError(f"init={name!r} is not valid; choose one of {INITS}")
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, PNNHConv)):
-            inits[name](module.weight)
-    return model
-
 
 def _conv(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, bias: bool = True,
           init: Callable[[torch.Tensor], torch.Tensor] = he_normal_) -> nn.Conv2d:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pnnh.models.init import apply_init
 from pnnh.models.layers import ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
 from pnnh.models.registry import register_model
 
@@ -103,8 +104,6 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
         narrowest = min(layer.weight.shape[0] for layer in body)
         net.prefers_channels_last_on_cpu = narrowest >= PNNH_CHANNELS_LAST_MIN_LEARNER
     if init is not None:
-        from pnnh.models.baselines import apply_init  # baselines builds on this module
-
         apply_init(net, init)
     return net
 

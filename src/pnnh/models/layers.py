@@ -53,6 +53,13 @@ class ConvBNAct(nn.Sequential):
         he_normal_(self[0].weight)
 
 
+class FlattenToChannels(nn.Module):
+    """(B, C, H, W) -> (B, C*H*W, 1, 1): an MLP's input as a 1x1 image, so its layers are 1x1 convolutions."""
+
+    def forward(self, x):
+        return torch.flatten(x, 1)[:, :, None, None]
+
+
 class ResidualBlock(nn.Module):
     """``relu(F(x) + shortcut(x))`` with F a chain of conv-BN(-ReLU) layers (basic or bottleneck).
 

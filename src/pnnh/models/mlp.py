@@ -7,19 +7,11 @@ Depth counts weight layers: input layer, depth - 2 hidden layers, linear head.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from pnnh.models.cnn import FAMILIES, ConvNet, build_cnn
-from pnnh.models.layers import ConvBNAct
+from pnnh.models.layers import ConvBNAct, FlattenToChannels
 from pnnh.models.registry import register_model
-
-
-class FlattenToChannels(nn.Module):
-    """(B, C, H, W) -> (B, C*H*W, 1, 1)."""
-
-    def forward(self, x):
-        return torch.flatten(x, 1)[:, :, None, None]
 
 
 class MLP(ConvNet):

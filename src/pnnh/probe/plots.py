@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pnnh.probe.core import crossing_layer
-from pnnh.train.checkpoint import atomic_write
+from pnnh.io import write_png
 
 
 def _values(result: dict, key: str) -> list[float]:
@@ -49,7 +49,7 @@ def _panel(ax, result_by_model: dict[str, dict], key: str, ylabel: str, *, log: 
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_png(path, fig)
     return path
 
 

@@ -191,9 +191,12 @@ def default_out_dir(model: str | None, data: str | None) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; an unusable device is a ConfigError."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an unknown or unusable device is a
+    ConfigError. The one device resolution of pnnh (train, bench, probe)."""
     import torch
 
+    if not _valid_device(device):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -231,6 +234,15 @@ def bf16_supported(device: str) -> bool:
         return bool(probe and probe())
     flags = caps()
     return any(flags.get(key, False) for key in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def parse_guide(spec: str) -> tuple[str, str | None]:
+    """``"resnet56"`` -> ("resnet56", None); ``"resnet56:runs/r56"`` -> ("resnet56", "runs/r56")."""
+    if not isinstance(spec, str) or not spec or spec.startswith(":"):
+        raise ConfigError(f"guide={spec!r} is not valid: use MODEL or MODEL:CHECKPOINT, e.g. resnet56 "
+                          "or resnet56:runs/resnet56-run (a run directory or a .pt file)")
+    name, _, ckpt = spec.partition(":")
+    return name, (ckpt or None)
 
 
 def dump_config(cfg: TrainConfig) -> str:
@@ -406,8 +418,6 @@ def _validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_float(name, getattr(cfg, name), 0.0, strict=True))
     if cfg.guide is not None:
-        from pnnh.train.regularizers import parse_guide  # it imports this module
-
         parse_guide(_as_str("guide", cfg.guide))
         if cfg.compile:
             raise ConfigError("guide needs the target's layer outputs (forward hooks): run it without compile")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pnnh.probe.metrics import center_gram
-from pnnh.train.config import ConfigError
+from pnnh.train.config import ConfigError, parse_guide
 
 GRAD_NOISE_GAMMA = 0.55  # the paper's decay exponent
 
@@ -62,15 +62,6 @@ def differentiable_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> 
     y = y.reshape(y.shape[0], -1).float()
     kx, ky = center_gram(x @ x.T), center_gram(y @ y.T)
     return (kx * ky).sum() / (kx.norm() * ky.norm() + eps)
-
-
-def parse_guide(spec: str) -> tuple[str, str | None]:
-    """``"resnet56"`` -> ("resnet56", None); ``"resnet56:runs/r56"`` -> ("resnet56", "runs/r56")."""
-    if not isinstance(spec, str) or not spec or spec.startswith(":"):
-        raise ConfigError(f"guide={spec!r} is not valid: use MODEL or MODEL:CHECKPOINT, e.g. resnet56 "
-                          "or resnet56:runs/resnet56-run (a run directory or a .pt file)")
-    name, _, ckpt = spec.partition(":")
-    return name, (ckpt or None)
 
 
 def build_guide(spec: str, *, num_classes: int, in_chans: int, img_size: int) -> nn.Module:

@@ -32,7 +32,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -40,16 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pnnh.train.checkpoint import (
-    TEMP_SUFFIX,
-    append_line,
-    atomic_write_text,
-    load_checkpoint,
-    remove_stale_temp_files,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, remove_stale_temp_files
+from pnnh.train.callbacks import CallbackList
+from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
 from pnnh.train import distributed as ddp
 from pnnh.train.distributed import DistributedError, rank_and_world
@@ -108,14 +101,18 @@ class _RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, progress: bool = True,
+          callbacks: Iterable[Any] = ()) -> TrainResult:
     """Train the model described by ``config`` and return its ``TrainResult``.
 
     ``config`` is a ``TrainConfig``, a dict or a YAML path (see ``load_config``). Without
     ``resume`` the output directory must be empty or absent; with it, training continues
     after the epoch saved in ``<out>/last.pt``. ``progress`` shows a tqdm bar and one summary
-    line per epoch. Raises ``ConfigError`` for a bad config (before anything is written) and
-    ``TrainingDiverged`` when the loss becomes non-finite.
+    line per epoch. ``callbacks`` are objects with any of the methods of
+    ``pnnh.train.Callback`` (``on_train_start``, ``on_step``, ``on_epoch_end``,
+    ``on_train_end``); an exception one raises stops training and propagates. Raises
+    ``ConfigError`` for a bad config (before anything is written) and ``TrainingDiverged``
+    when the loss becomes non-finite.
 
     Started by torchrun with several processes, it creates the process group (unless the caller
     already did) and destroys it at the end; ``batch_size`` is then the global batch. A failed
@@ -126,7 +123,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
         raise ConfigError("resume needs the run directory: pass --out DIR (out: in a config)")
     created = ddp.init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        return _train(cfg, resume, progress)
+        return _train(cfg, resume, progress, CallbackList(callbacks))
     except RuntimeError as err:
         if isinstance(err, DistributedError) or not ddp.is_collective_failure(err):
             raise
@@ -136,13 +133,83 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
             ddp.destroy_distributed()
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
+@dataclass
+class _Run:
+    """A run once set up: its config, data, model, optimizer and where it stands."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    select: str  # the metric that picks best.pt
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    extras: _Extras
+    state: _RunState
+    num_train: int
+    step_model: nn.Module | None = None
+    eval_model: nn.Module | None = None
+    params: int = 0
+    probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackList) -> TrainResult:
     """The body of ``train`` once the process group (if any) exists."""
-    from pnnh.models import count_params, create_model
+    run, ckpt = _set_up(cfg, resume)
+    if ckpt is not None:
+        _restore(run, ckpt)
+        del ckpt
+    _start_files(run, resume)
+    _prepare_steps(run)
+    cfg, out, is_main = run.cfg, run.out, run.is_main
+
+    say = tqdm.write if progress and is_main else (lambda _msg: None)
+    say(f"{cfg.model} ({run.params:,} params) on {cfg.data}: {run.num_train:,} train images, "
+        f"{run.steps_per_epoch} steps/epoch, {cfg.device} {cfg.precision} -> {out}")
+    callbacks.on_train_start({"config": cfg, "model": run.model, "out_dir": str(out), "params": run.params,
+                              "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+                              "start_epoch": run.state.epoch + 1, "rank": run.rank, "world_size": run.world})
+
+    for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
+        if run.state.step >= run.total_steps:
+            break
+        run.train_loader.set_epoch(epoch)
+        try:
+            stats = _train_epoch(run, epoch, progress and is_main, callbacks)
+        except _NonFiniteLoss as err:
+            raise _diverged(err, epoch, run.steps_per_epoch, run.state, out, run.params, is_main) from None
+        record = _end_epoch(run, epoch, stats)
+        say(_summary(record, cfg.epochs))
+        callbacks.on_epoch_end(epoch, dict(record))
+
+    result = _result(out, run.state, run.params, "ok")
+    if is_main:
+        atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    ddp.barrier()  # when train returns on any rank, the run's files are complete
+    callbacks.on_train_end(result)
+    return result
+
+
+def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None]:
+    """Check the run directory, then build data, model, loaders, optimizer and schedule.
+
+    Returns the run and, on resume, the checkpoint to restore (None for a fresh start).
+    Nothing is written yet: every ``ConfigError`` is raised before the first file.
+    """
+    from pnnh.models import create_model
     from pnnh.data import TensorLoader, load_dataset
 
     rank, world = rank_and_world()
-    is_main = rank == 0
     # Every rank names the same directory (a default name holds a timestamp: take rank 0's).
     out = Path(ddp.on_main(lambda: cfg.out or default_out_dir(cfg.model, cfg.data)))
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -192,7 +259,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
                         for name, (x, y) in eval_sets.items()}
     except ValueError as err:  # fewer images than ranks
         raise ConfigError(f"cannot split the evaluation data of {cfg.data!r} over {world} processes: {err}") from err
-    select = "val_acc" if "val" in eval_loaders else "test_acc"
 
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
@@ -200,80 +266,77 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, total_steps)
-    extras = _Extras(model, cfg, splits, device)
-    state = _RunState()
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = _RunState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        del ckpt
-
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-        if resume:
-            remove_stale_temp_files(out)
-            # Lines logged after last.pt was saved (a kill between the two) are dropped.
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
-    ddp.barrier()  # the run directory is set up before any rank goes on
-
-    params = count_params(model)
-    step_model = ddp.wrap_model(model, device)
-    step_model = torch.compile(step_model) if cfg.compile else step_model
-    # Evaluation runs each rank's shard through the bare model (no DDP collectives, so
-    # shards of unequal length are fine) and all-reduces the sums afterwards.
-    eval_model = step_model if world == 1 else torch.compile(model) if cfg.compile else model
-    probe_batch = None
+    run = _Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, train_loader=train_loader,
+               eval_loaders=eval_loaders, select="val_acc" if "val" in eval_loaders else "test_acc",
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, optimizer=optimizer, scheduler=scheduler,
+               extras=_Extras(model, cfg, splits, device), state=_RunState(), num_train=len(splits.train_y))
     if cfg.probe_every > 0:
         probe_loader = TensorLoader(splits.test_x[:PROBE_BATCH], splits.test_y[:PROBE_BATCH], PROBE_BATCH,
                                     train=False, **norm)
-        probe_batch = next(iter(probe_loader))
-        if state.epoch == 0 and not state.history:
-            _log(out, state, {"epoch": 0, "probe": _probe(model, probe_batch)}, is_main)
+        run.probe_batch = next(iter(probe_loader))
+    return run, ckpt
 
-    say = tqdm.write if progress and is_main else (lambda _msg: None)
-    if progress and is_main:
-        say(f"{cfg.model} ({params:,} params) on {cfg.data}: {len(splits.train_y):,} train images, "
-            f"{steps_per_epoch} steps/epoch, {cfg.device} {cfg.precision} -> {out}")
 
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.step >= total_steps:
-            break
-        train_loader.set_epoch(epoch)
-        try:
-            stats = _train_epoch(step_model, model, train_loader, optimizer, scheduler, cfg, device, epoch,
-                                 state, total_steps, progress and is_main, extras)
-        except _NonFiniteLoss as err:
-            raise _diverged(err, epoch, steps_per_epoch, state, out, params, is_main) from None
-        record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
-                  "train_acc": stats["train_acc"]}
-        ddp.broadcast_buffers(model)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
-        for name, loader in eval_loaders.items():
-            record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(eval_model, loader, cfg, device)
-        record.update(lr=stats["lr"], images_per_s=stats["images_per_s"], seconds=state.seconds)
-        if probe_batch is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs
-                                        or state.step >= total_steps):
-            record["probe"] = _probe(model, probe_batch)
-        state.epoch = epoch
-        _log(out, state, record, is_main)
-        improved = state.best_acc is None or record[select] > state.best_acc
-        if improved:
-            state.best_acc, state.best_epoch = record[select], epoch
-        if is_main:
-            snapshot = _checkpoint(model, optimizer, scheduler, state, cfg)
-            if improved:  # best.pt before last.pt: a kill in between re-runs this epoch identically
-                save_checkpoint(out / "best.pt", snapshot)
-            save_checkpoint(out / "last.pt", snapshot)
-        ddp.barrier()  # no rank runs ahead of the saved checkpoint
-        say(_summary(record, cfg.epochs))
+def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer, schedule, progress and every RNG state."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.state = _RunState(**ckpt["state"])
+    set_rng_state(ckpt["rng"])
 
-    result = _result(out, state, params, "ok")
-    if is_main:
-        atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    ddp.barrier()  # when train returns on any rank, the run's files are complete
-    return result
+
+def _start_files(run: _Run, resume: bool) -> None:
+    """Write the resolved config; on resume, clear a killed write's leftovers and rebuild the log."""
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out / "config.yaml", dump_config(run.cfg))
+        if resume:
+            remove_stale_temp_files(run.out)
+            # Lines logged after last.pt was saved (a kill between the two) are dropped.
+            atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.state.history))
+    ddp.barrier()  # the run directory is set up before any rank goes on
+
+
+def _prepare_steps(run: _Run) -> None:
+    """The models that step and evaluate (DDP-wrapped, compiled), and the probe at init."""
+    from pnnh.models import count_params
+
+    run.params = count_params(run.model)
+    step_model = ddp.wrap_model(run.model, run.device)
+    run.step_model = torch.compile(step_model) if run.cfg.compile else step_model
+    # Evaluation runs each rank's shard through the bare model (no DDP collectives, so
+    # shards of unequal length are fine) and all-reduces the sums afterwards.
+    run.eval_model = (run.step_model if run.world == 1
+                      else torch.compile(run.model) if run.cfg.compile else run.model)
+    if run.probe_batch is not None and run.state.epoch == 0 and not run.state.history:
+        _log(run.out, run.state, {"epoch": 0, "probe": _probe(run.model, run.probe_batch)}, run.is_main)
+
+
+def _end_epoch(run: _Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+    """Evaluate, probe, log the epoch's record and save the checkpoints; return the record."""
+    cfg, state = run.cfg, run.state
+    record = {"epoch": epoch, "step": state.step, "train_loss": stats["train_loss"],
+              "train_acc": stats["train_acc"]}
+    ddp.broadcast_buffers(run.model)  # every rank evaluates (and rank 0 saves) the same BatchNorm statistics
+    for name, loader in run.eval_loaders.items():
+        record[f"{name}_loss"], record[f"{name}_acc"] = _evaluate(run.eval_model, loader, cfg, run.device)
+    record.update(lr=stats["lr"], images_per_s=stats["images_per_s"], seconds=state.seconds)
+    if run.probe_batch is not None and (epoch % cfg.probe_every == 0 or epoch == cfg.epochs
+                                        or state.step >= run.total_steps):
+        record["probe"] = _probe(run.model, run.probe_batch)
+    state.epoch = epoch
+    _log(run.out, state, record, run.is_main)
+    improved = state.best_acc is None or record[run.select] > state.best_acc
+    if improved:
+        state.best_acc, state.best_epoch = record[run.select], epoch
+    if run.is_main:
+        snapshot = _checkpoint(run.model, run.optimizer, run.scheduler, state, cfg)
+        if improved:  # best.pt before last.pt: a kill in between re-runs this epoch identically
+            save_checkpoint(run.out / "best.pt", snapshot)
+        save_checkpoint(run.out / "last.pt", snapshot)
+    ddp.barrier()  # no rank runs ahead of the saved checkpoint
+    return record
 
 
 class _Extras:
@@ -300,15 +363,15 @@ class _Extras:
             self.noise.add_(self.params, step)
 
 
-def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, cfg: TrainConfig, device: torch.device, epoch: int, state: _RunState,
-                 total_steps: int, show: bool, extras: _Extras) -> dict[str, float]:
-    """One pass over ``loader`` (stopping early at ``total_steps``); updates ``state``.
+def _train_epoch(run: _Run, epoch: int, show: bool, callbacks: CallbackList) -> dict[str, float]:
+    """One pass over the training loader (stopping early at ``total_steps``); updates ``run.state``.
 
     In a multi-process run each step's loss sum, correct count and batch size are summed over
     the ranks, so the divergence check sees the global loss and every rank stops at the same
     step, and the returned metrics cover the global batch.
     """
+    cfg, state, model, step_model, optimizer = run.cfg, run.state, run.model, run.step_model, run.optimizer
+    loader, device, extras = run.train_loader, run.device, run.extras
     step_model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
@@ -335,15 +398,16 @@ def _train_epoch(step_model: nn.Module, model: nn.Module, loader: Any, optimizer
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
-        scheduler.step()
+        run.scheduler.step()
         state.step += 1
+        callbacks.on_step(state.step, loss_value)
         loss_sum += step_loss
         correct += int(step_correct)
         seen += int(step_seen)
         bar.update()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
                         img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-        if state.step >= total_steps:
+        if state.step >= run.total_steps:
             break
     seconds = time.perf_counter() - start
     bar.close()
@@ -389,7 +453,7 @@ def _probe(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[s
 def _log(out: Path, state: _RunState, record: dict[str, Any], is_main: bool) -> None:
     state.history.append(record)
     if is_main:
-        append_line(out / "metrics.jsonl", json.dumps(record))
+        append_json_line(out / "metrics.jsonl", record)
 
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: _RunState,

@@ -33,7 +33,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pnnh.export import ExportError, export_run, format_report, write_report
+    from pnnh.experiments.export import ExportError, export_run, format_report, write_report
     from pnnh.train.config import ConfigError
 
     if args.threads is not None:

@@ -4,7 +4,7 @@
 
 1. Load the run: ``config.yaml`` and ``best.pt`` (``last.pt`` when there is no best), the
    model rebuilt on the run's dataset exactly as the trainer built it.
-2. ``pnnh.fold.fold`` it: BatchNorm folded into the convolutions and, for PNNH, the shared
+2. ``pnnh.fold`` it: BatchNorm folded into the convolutions and, for PNNH, the shared
    coder into each layer's weight, so a PNNH net becomes a straight chain of conv + activation.
 3. Export to a temporary file beside ``out``: TorchScript (``torch.jit.trace``; TorchScript is
    deprecated upstream but still the one-file format a C++ runtime loads) or ONNX
@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from tqdm import tqdm
+
+from pnnh.io import atomic_write_text, format_table, write_png
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -176,7 +178,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "torchscript", *
     package or a failed verification (then ``out`` is not touched).
     """
     from pnnh.experiments.bench import interleave, timed
-    from pnnh.fold import fold
+    from pnnh.models.fold import fold
     from pnnh.models import create_model
 
     if fmt not in FORMATS:
@@ -253,12 +255,11 @@ def format_report(report: ExportReport) -> str:
              f"verified on {report.check_images} test images: max |logits diff| = {report.max_abs_diff:.2g} "
              f"(< {report.tolerance:g}), argmax agreement {report.argmax_agreement:.1%}, "
              f"accuracy {report.accuracy:.1%}",
-             f"inference, fp32, {len(report.speed)} models interleaved:",
-             f"  {'model':<34} {'images/s min/med/max':>22} {'x trained':>9}"]
-    for s in report.speed:
-        span = f"{s['images_per_s_min']:.0f}/{s['images_per_s']:.0f}/{s['images_per_s_max']:.0f}"
-        lines.append(f"  {s['model']:<34} {span:>22} {s['ratio_to_trained']:>9.2f}")
-    return "\n".join(lines)
+             f"inference, fp32, {len(report.speed)} models interleaved:"]
+    rows = [(s["model"], f"{s['images_per_s_min']:.0f}/{s['images_per_s']:.0f}/{s['images_per_s_max']:.0f}",
+             f"{s['ratio_to_trained']:.2f}") for s in report.speed]
+    table = format_table(("model", "images/s min/med/max", "x trained"), rows, align="<>>")
+    return "\n".join(lines + ["  " + line for line in table.splitlines()])
 
 
 def write_report(report: ExportReport) -> list[Path]:
@@ -269,8 +270,6 @@ def write_report(report: ExportReport) -> list[Path]:
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
-
-    from pnnh.train.checkpoint import atomic_write, atomic_write_text
 
     stem = Path(report.out)
     paths = [stem.with_name(stem.name + ".report.json"), stem.with_name(stem.name + ".report.png")]
@@ -285,6 +284,6 @@ def write_report(report: ExportReport) -> list[Path]:
     ax.set_xlabel("inference images/s, fp32 (median, min-max)")
     ax.set_title(f"{report.model} exported as {report.format}", fontsize=9)
     fig.tight_layout()
-    atomic_write(paths[1], lambda f: fig.savefig(f, format="png", dpi=110))
+    write_png(paths[1], fig)
     plt.close(fig)
     return paths

@@ -6,6 +6,7 @@ import shlex
 import sys
 import time
 
+from pnnh.cli.train import add_config_flags, config_overrides, parse_set
 from pnnh.train.config import ConfigError
 
 DEMO = {  # plain, resnet and pnnh at a shallow and a deep depth, in well under 10 minutes on 2 CPU cores
@@ -14,6 +15,10 @@ DEMO = {  # plain, resnet and pnnh at a shallow and a deep depth, in well under 
     "seeds": 1,
     "train": {"epochs": 2, "train_subset": 10000, "test_subset": 2000, "batch_size": 128},
 }
+
+
+# TrainConfig fields each cell sets itself (seed from --seeds, out under the sweep's --out).
+CELL_FIELDS = ("model", "seed", "out")
 
 
 def _csv(kind):
@@ -43,17 +48,6 @@ def register(sub) -> None:
     p.add_argument("--families", type=_csv(str), help="e.g. plain,resnet,pnnh (replaces the recipe's variants)")
     p.add_argument("--depths", type=_csv(int), help="e.g. 8,20,56,110")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    p.add_argument("--data", help="dataset name (fashion-mnist, digits, cifar10, ...)")
-    p.add_argument("--data-dir")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--train-subset", type=int)
-    p.add_argument("--test-subset", type=int)
-    p.add_argument("--val-size", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile every cell (minutes of compiling per cell; pays off for long cells)")
     p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model keyword for every cell (coder_* keys reach PNNH families only), repeatable")
@@ -61,7 +55,9 @@ def register(sub) -> None:
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
                         "on the same --out, e.g. with OMP_NUM_THREADS=1 each on an N-core machine")
-    p.set_defaults(func=run_sweep_command)
+    # Every training setting a cell does not set itself, for every cell (overrides the recipe's train:).
+    p.set_defaults(func=run_sweep_command, train_flags=add_config_flags(p.add_argument_group("training (every cell)"),
+                                                                        skip=CELL_FIELDS))
 
     r = sub.add_parser("report", help="write report.md, results.csv/json and plots for a sweep directory")
     r.add_argument("dir")
@@ -78,11 +74,8 @@ def register(sub) -> None:
 def run_sweep_command(args) -> int:
     from pnnh.experiments.report import aggregate, format_console_table, write_report
     from pnnh.experiments.sweep import load_sweep, run_sweep
-    from pnnh.train.cli import parse_set
 
-    train = {k: getattr(args, k) for k in ("data", "data_dir", "epochs", "batch_size", "train_subset",
-                                           "test_subset", "val_size", "precision", "device", "compile")
-             if getattr(args, k) is not None}
+    train = config_overrides(args, args.train_flags)
     try:
         spec = load_sweep(args.config, families=args.families, depths=args.depths, seeds=args.seeds,
                           train=train, model_kwargs=parse_set(args.set))

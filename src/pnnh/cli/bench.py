@@ -66,7 +66,7 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The ``BenchConfig`` the flags describe: defaults, then ``--quick``, then explicit flags."""
     from pnnh.models import list_models
-    from pnnh.train.cli import parse_set
+    from pnnh.cli.train import parse_set
 
     groups = {"custom": args.models} if args.models else {g: GROUPS[g] for g in args.group or GROUPS}
     known = set(list_models())

@@ -66,10 +66,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--set", dest="model_kwargs", action="append", default=[], metavar="KEY=VALUE",
                         help="model keyword argument, e.g. --set coder_init=copy (repeatable)")
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> list[str]:
+    """One flag per ``TrainConfig`` field (but ``model_kwargs`` and ``skip``), default None (= not
+    given); return the field names added, which ``config_overrides`` reads back."""
     hints = typing.get_type_hints(TrainConfig)
-    for name in FIELDS:
-        if name == "model_kwargs":
-            continue
+    names = [name for name in FIELDS if name != "model_kwargs" and name not in skip]
+    for name in names:
         kinds = set(typing.get_args(hints[name])) or {hints[name]}
         flag = "--" + name.replace("_", "-")
         if bool in kinds:
@@ -78,7 +84,13 @@ def register(subparsers: Any) -> None:
             kind = int if int in kinds else float if float in kinds else str
             parser.add_argument(flag, type=kind, default=None, help=HELP.get(name),
                                 metavar=name.upper() if kind is str else kind.__name__.upper())
-    parser.set_defaults(func=run)
+    return names
+
+
+def config_overrides(args: argparse.Namespace, names: list[str] | tuple[str, ...] = FIELDS) -> dict[str, Any]:
+    """The ``TrainConfig`` fields among ``names`` given as flags (``None`` = not given, left out)."""
+    return {name: getattr(args, name) for name in names
+            if name != "model_kwargs" and getattr(args, name, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -86,8 +98,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = args.config
     if base is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
         base = Path(args.out) / "config.yaml"
-    overrides = {name: getattr(args, name) for name in FIELDS if name != "model_kwargs"}
-    overrides["model_kwargs"] = parse_set(args.model_kwargs) or None
+    overrides = {**config_overrides(args), "model_kwargs": parse_set(args.model_kwargs) or None}
     return load_config(base, overrides)
 
 

@@ -5,8 +5,8 @@ import argparse
 import json
 import os
 
-from .datasets import DATA_ENV, default_cache_dir, list_datasets, load_dataset
-from .download import BASE_URL_ENV, SHA256, download
+from pnnh.data.datasets import DATA_ENV, default_cache_dir, list_datasets, load_dataset
+from pnnh.data.download import BASE_URL_ENV, SHA256, download
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import platform
 import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
-import pnnh
+from pnnh.io import atomic_write_text, format_table, versions, write_csv
 from pnnh.probe.core import CROSSING_MARGIN, crossing_layer, probe_model
 from pnnh.probe.dists import DISTS
 from pnnh.probe.hooks import BN_STATS
 from pnnh.probe.plots import plot_probe
-from pnnh.train.checkpoint import atomic_write_text, load_checkpoint
+from pnnh.train.checkpoint import load_checkpoint
+from pnnh.train.config import ConfigError, resolve_device
 
 DEFAULT_DATA = "fashion-mnist"
 
@@ -123,17 +120,12 @@ def _run(args: argparse.Namespace) -> int:
         "data": {"name": data, "split": "test", "examples": len(x), "subset_seed": args.seed,
                  "shape": list(x.shape[1:]), "mean": list(splits.mean), "std": list(splits.std)},
         "command": _command(args, data),
-        "versions": {"pnnh": pnnh.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
         "crossing_margin": CROSSING_MARGIN,
     }
     atomic_write_text(args.out / "probe.json", json.dumps(payload, indent=1))
     rows = _summary_rows(results)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.out / "summary.csv", buf.getvalue())
+    write_csv(args.out / "summary.csv", rows)
     state = "trained" if runs else "init"
     plot_probe(results, args.out, title=f"{data}, {state}, batch {len(x)}")
     print(_format_rows(rows))
@@ -171,12 +163,8 @@ def _format_rows(rows: list[dict]) -> str:
              str(r["crossing_layer"]), f"{r['final_recoverability']:.3f}",
              f"{r['recoverability_noise_floor']:.3f}", str(r["crossing_layer_recoverability"]))
             for r in rows]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in (header, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"noise floor = the measure for the same layer's features of a noise input; crossing = "
-                 f"first layer index (0-based) within {CROSSING_MARGIN} of it, None = never")
-    return "\n".join(lines)
+    return (format_table(header, body) + "\nnoise floor = the measure for the same layer's features of a noise "
+            f"input; crossing = first layer index (0-based) within {CROSSING_MARGIN} of it, None = never")
 
 
 def _run_configs(spec: str, names: list[str]) -> list[tuple[Path, dict]]:
@@ -229,15 +217,10 @@ def _build(name: str, splits, args: argparse.Namespace, run: tuple[Path, dict] |
 
 
 def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ProbeError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeError(f"--device {spec!r}: CUDA is not available here; use cpu or auto")
-    return device
+        return torch.device(resolve_device(spec))
+    except ConfigError as err:
+        raise ProbeError(f"--device: {err}") from None
 
 
 def _load_dists(args: argparse.Namespace) -> DISTS:

@@ -1,0 +1,35 @@
+"""The ``pnnh`` command line: a thin layer over the Python API, the top layer of the package.
+
+Every subcommand is one module of this package exposing ``register(subparsers)``, which adds
+the subparser and sets ``func`` to the callable that runs it. ``func(args)`` returns the exit
+status: 0 done, 1 the work failed (a diverged run, a failed check), 2 bad input (an invalid
+argument, config or file), reported as one line ``pnnh COMMAND: error: ...`` on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# In the order `pnnh --help` lists them.
+COMMAND_MODULES = ("models", "data", "train", "probe", "theory", "sweep", "bench", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pnnh",
+        description="Train and compare plain, residual and PNNH networks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"pnnh.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
