@@ -38,6 +38,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from pnnh.io import atomic_write_text, versions
+from pnnh.train.checkpoint import load_checkpoint
 from pnnh.train.config import ConfigError, TrainConfig, load_config
 
 PROBE_IMAGES = 256
@@ -306,8 +307,7 @@ def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
         model = create_model(saved["model"], num_classes=splits.num_classes, in_chans=splits.in_chans,
                              img_size=splits.img_size, **saved["model_kwargs"])
         if stage == "end":
-            state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
+            model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
         result = probe_model(model, x, y, grad=False)
         curves[stage] = {k: result[k] for k in ("layers", "cka", "cka_noise", "survival")}
     return curves
