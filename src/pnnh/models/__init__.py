@@ -1,6 +1,6 @@
 """Model zoo: plain, residual and PNNH nets (CNN, ViT, MLP) under one registry."""
 from pnnh.models import cnn, mlp, vit  # noqa: F401  (registers the models)
-from pnnh.models import baselines  # noqa: F401
+from pnnh.models import baselines, twin  # noqa: F401
 from pnnh.models.layers import CoderSpec, PNNHConv
 from pnnh.models.registry import count_params, create_model, list_models, register_model
 from pnnh.models.shortcuts import find_shortcuts
