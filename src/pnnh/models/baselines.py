@@ -149,23 +149,24 @@ def fixup_block(convs: list[Conv], num_branches: int) -> ScaledResidualBlock:
 
 
 def _residual_net(block: Callable[[list[Conv]], nn.Module], stem: nn.Module, stages: list[list[list[Conv]]],
-                  num_classes: int) -> ConvNet:
+                  num_classes: int, in_chans: int, img_size: int) -> ConvNet:
     out_ch = stages[-1][-1][-1][1]
-    return ConvNet(stem, [block(convs) for blocks in stages for convs in blocks], out_ch, num_classes)
+    body = [block(convs) for blocks in stages for convs in blocks]
+    return ConvNet(stem, body, out_ch, num_classes, in_chans, img_size)
 
 
 def skipinit_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
                     img_size: int = 32) -> ConvNet:
     """SkipInit ResNet (De & Smith 2020): basic blocks, no BatchNorm, branch scalar alpha = 0."""
     stem = nn.Sequential(_conv(in_chans, width), nn.ReLU(inplace=True))
-    return _residual_net(skipinit_block, stem, cifar_stages(depth, width), num_classes)
+    return _residual_net(skipinit_block, stem, cifar_stages(depth, width), num_classes, in_chans, img_size)
 
 
 def rezero_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
                   img_size: int = 32) -> ConvNet:
     """ReZero ResNet (Bachlechner et al. 2020): x + a F(x), a = 0 at init, no normalization."""
     stem = nn.Sequential(_conv(in_chans, width), nn.ReLU(inplace=True))
-    return _residual_net(rezero_block, stem, cifar_stages(depth, width), num_classes)
+    return _residual_net(rezero_block, stem, cifar_stages(depth, width), num_classes, in_chans, img_size)
 
 
 def fixup_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16,
@@ -177,7 +178,7 @@ def fixup_resnet(depth: int = 56, num_classes: int = 10, in_chans: int = 3, widt
     num_branches = sum(len(blocks) for blocks in stages)
     stem = nn.Sequential(OrderedDict(conv=_conv(in_chans, width, bias=False), fixup_scalar_bias=Shift(),
                                      act=nn.ReLU(inplace=True)))
-    net = _residual_net(lambda convs: fixup_block(convs, num_branches), stem, stages, num_classes)
+    net = _residual_net(lambda convs: fixup_block(convs, num_branches), stem, stages, num_classes, in_chans, img_size)
     net.pool = nn.Sequential(OrderedDict(avg=net.pool, fixup_scalar_bias=Shift()))
     nn.init.zeros_(net.head.weight)
     nn.init.zeros_(net.head.bias)
@@ -226,7 +227,7 @@ def dirac(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int 
     """DiracNet-style plain net (Zagoruyko & Komodakis 2017): Dirac conv -> BN -> ReLU chain."""
     layers = [nn.Sequential(DiracConv2d(i, o, k, s, beta_init), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
               for blocks in cifar_stages(depth, width) for convs in blocks for i, o, k, s in convs]
-    return ConvNet(ConvBNAct(in_chans, width), layers, 4 * width, num_classes)
+    return ConvNet(ConvBNAct(in_chans, width), layers, 4 * width, num_classes, in_chans, img_size)
 
 
 def tat_plain(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16, img_size: int = 32,
@@ -245,7 +246,7 @@ def tat_plain(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: 
     convs += [_conv(i, o, k, s, init=lambda w: delta_orthogonal_(w, q_preserving_gain(i, o)))
               for blocks in stages for block in blocks for i, o, k, s in block]
     stem, *body = [nn.Sequential(conv, ScaledLeakyReLU(alpha)) for conv in convs]
-    net = ConvNet(stem, body, 4 * width, num_classes)
+    net = ConvNet(stem, body, 4 * width, num_classes, in_chans, img_size)
     net.tat_slope = alpha
     return net
 
@@ -291,7 +292,7 @@ class RepVGGNet(ConvNet):
     def fold(self) -> ConvNet:
         """The inference form (eval mode): stem and every block folded to one 3x3 conv + ReLU."""
         deploy = ConvNet(self.stem.fold(), [block.fold() for block in self.body], self.head.in_features,
-                         self.head.out_features)
+                         self.head.out_features, self.in_chans, self.img_size)
         deploy.head = copy.deepcopy(self.head)
         return deploy.to(self.head.weight.device).eval()
 
@@ -301,7 +302,7 @@ def repvgg(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int
     """RepVGG (Ding et al. 2021) of CIFAR shape: every layer a training-time 3-branch block."""
     layers = [RepVGGBlock(i, o, s) for blocks in cifar_stages(depth, width) for convs in blocks
               for i, o, _, s in convs]
-    return RepVGGNet(RepVGGBlock(in_chans, width), layers, 4 * width, num_classes)
+    return RepVGGNet(RepVGGBlock(in_chans, width), layers, 4 * width, num_classes, in_chans, img_size)
 
 
 # ----------------------------------------------------------------------------- hourglass MLP
@@ -341,7 +342,7 @@ def hourglass_mlp(depth: int = 8, width: int = 512, narrow: int | None = None, n
     blocks = [ScaledResidualBlock(
         nn.Sequential(nn.BatchNorm2d(width), _conv(width, narrow, 1, bias=False), nn.ReLU(inplace=True)),
         _conv(narrow, width, 1), nn.Identity(), nn.Identity(), nn.Identity()) for _ in range((depth - 2) // 2)]
-    return HourglassMLP(stem, blocks, width, num_classes)
+    return HourglassMLP(stem, blocks, width, num_classes, in_chans, img_size)
 
 
 # ----------------------------------------------------------------------------- registry

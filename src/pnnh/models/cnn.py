@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from pnnh.models.init import apply_init
+from pnnh.models.base import Classifier
 from pnnh.models.layers import ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
 from pnnh.models.registry import register_model
 
@@ -51,8 +52,11 @@ def stage_blocks(block, widths, blocks_per_stage, in_ch, first_stride=1) -> list
 PNNH_CHANNELS_LAST_MIN_LEARNER = 32
 
 
-class ConvNet(nn.Module):
-    """stem -> body -> global average pool -> linear head, for every CNN family."""
+class ConvNet(Classifier):
+    """stem -> body -> global average pool -> linear head, for every CNN family.
+
+    ``in_chans`` and ``img_size`` record the input the net was built for (its pretrained_cfg).
+    """
 
     family = "cnn"
     # The trainer's channels_last="auto" uses channels_last on CPU only for models that run faster
@@ -62,15 +66,26 @@ class ConvNet(nn.Module):
     # for every net): see PNNH_CHANNELS_LAST_MIN_LEARNER. On CUDA every CNN uses channels_last.
     prefers_channels_last_on_cpu = True
 
-    def __init__(self, stem: nn.Module, body: list[nn.Module], out_ch: int, num_classes: int):
+    def __init__(self, stem: nn.Module, body: list[nn.Module], out_ch: int, num_classes: int,
+                 in_chans: int | None = None, img_size: int | None = None):
         super().__init__()
+        self.in_chans, self.img_size, self.num_features = in_chans, img_size, out_ch
         self.stem = stem
         self.body = nn.Sequential(*body)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(out_ch, num_classes)
 
-    def forward(self, x):
-        return self.head(torch.flatten(self.pool(self.body(self.stem(x))), 1))
+    def forward_features(self, x):
+        return self.body(self.stem(x))
+
+    def pool_features(self, features):
+        return torch.flatten(self.pool(features), 1)
+
+    def feature_points(self) -> list[tuple[str, nn.Module]]:
+        """The stem, then each stage's last layer: the one before a downsampling layer, and the last."""
+        body = list(self.body)
+        ends = [n for n in range(len(body)) if n == len(body) - 1 or _downsamples(body[n + 1])]
+        return [("stem", self.stem)] + [(f"body.{n}", body[n]) for n in ends]
 
     def feature_layers(self) -> list[tuple[str, nn.Module]]:
         """One (name, module) per hidden weight layer; the module's output is its representation."""
@@ -81,10 +96,21 @@ class ConvNet(nn.Module):
         return layers
 
 
+def _downsamples(module: nn.Module) -> bool:
+    """Whether any convolution or pooling inside ``module`` has a stride above 1."""
+    return any(s > 1 for m in module.modules() for s in _pair(getattr(m, "stride", 1)))
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_classes: int,
-              kwargs: dict, net_class: type[ConvNet] = ConvNet) -> ConvNet:
+              kwargs: dict, net_class: type[ConvNet] = ConvNet, in_chans: int | None = None,
+              img_size: int | None = None) -> ConvNet:
     """Wrap the convolutions of ``stages`` as the ``family`` asks; ``kwargs`` are family options
-    (``init=`` re-initialises the convolutions: he_normal, orthogonal or delta_orthogonal)."""
+    (``init=`` re-initialises the convolutions: he_normal, orthogonal or delta_orthogonal);
+    ``in_chans`` and ``img_size`` are recorded on the net."""
     init = kwargs.pop("init", None)
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not valid; choose one of {FAMILIES}")
@@ -99,7 +125,7 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
     else:
         _no_extra(kwargs, family)
         body = [ConvBNAct(*c) for blocks in stages for convs in blocks for c in convs]
-    net = net_class(stem, body, stages[-1][-1][-1][1], num_classes)
+    net = net_class(stem, body, stages[-1][-1][-1][1], num_classes, in_chans, img_size)
     if family == "pnnh":
         narrowest = min(layer.weight.shape[0] for layer in body)
         net.prefers_channels_last_on_cpu = narrowest >= PNNH_CHANNELS_LAST_MIN_LEARNER
@@ -127,7 +153,8 @@ def cifar_stages(depth: int, width: int) -> list[list[list[Conv]]]:
 def cifar_net(family: str, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16,
               img_size: int = 32, **kwargs) -> ConvNet:
     """CIFAR-style net of depth 6n+2: 3x3 stem, then :func:`cifar_stages`."""
-    return build_cnn(family, cifar_stages(depth, width), ConvBNAct(in_chans, width), num_classes, kwargs)
+    return build_cnn(family, cifar_stages(depth, width), ConvBNAct(in_chans, width), num_classes, kwargs,
+                     in_chans=in_chans, img_size=img_size)
 
 
 IMAGENET_LAYOUTS = {
@@ -149,7 +176,7 @@ def imagenet_net(family: str, depth: int, num_classes: int = 1000, in_chans: int
     else:
         stem = nn.Sequential(ConvBNAct(in_chans, width, 7, 2), nn.MaxPool2d(3, 2, 1))
     stages = stage_blocks(block, tuple(width * 2**i for i in range(4)), blocks, width)
-    return build_cnn(family, stages, stem, num_classes, kwargs)
+    return build_cnn(family, stages, stem, num_classes, kwargs, in_chans=in_chans, img_size=img_size)
 
 
 def _register():

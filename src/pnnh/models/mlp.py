@@ -24,7 +24,7 @@ def mlp(family: str, depth: int = 8, width: int = 256, num_classes: int = 10, in
         raise ValueError(f"depth={depth!r} is not valid for an MLP: use an even number >= 4 (4, 6, 8, ...)")
     stem = nn.Sequential(FlattenToChannels(), ConvBNAct(in_chans * img_size * img_size, width, 1))
     stages = [[[(width, width, 1, 1), (width, width, 1, 1)] for _ in range((depth - 2) // 2)]]
-    return build_cnn(family, stages, stem, num_classes, kwargs, MLP)
+    return build_cnn(family, stages, stem, num_classes, kwargs, MLP, in_chans, img_size)
 
 
 NAMES = {"plain": "plain_mlp", "resnet": "residual_mlp", "pnnh": "pnnh_mlp"}
