@@ -8,7 +8,9 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -107,18 +109,44 @@ def test_corrupt_gzip_and_count_mismatch_through_load(fashion_dir, tmp_path):
 def test_missing_dataset_names_places_and_remedies(tmp_path, monkeypatch):
     monkeypatch.setenv("PNNH_DATA", str(tmp_path / "env"))
     with pytest.raises(DatasetNotFoundError) as err:
-        load_dataset("mnist", data_dir=tmp_path / "mine")
+        load_dataset("mnist")
     msg = str(err.value)
-    assert isinstance(err.value, FileNotFoundError)
-    for place in (tmp_path / "mine" / "mnist", tmp_path / "mine", tmp_path / "env" / "mnist",
-                  tmp_path / "env", tmp_path / "cache" / "pnnh" / "data" / "mnist"):
-        assert f"\n  {place}\n" in msg + "\n"
+    assert isinstance(err.value, FileNotFoundError) and "\n" not in msg
+    places = msg.split("looked in ")[1].split("; to get it")[0].split(", ")
+    assert places == [str(p) for p in (tmp_path / "env" / "mnist", tmp_path / "env",
+                                       tmp_path / "cache" / "pnnh" / "data" / "mnist")]
     assert "--data-dir" in msg and "$PNNH_DATA" in msg and "--download" in msg
     assert "apt-get" not in msg  # only fashion-mnist has a Debian package
 
     monkeypatch.setattr(datasets_module, "_FASHION_SYSTEM_DIR", tmp_path / "no-debian-package")
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist")
+
+
+def test_explicit_data_dir_is_used_or_fails(fashion_dir, tmp_path, monkeypatch):
+    """A named data_dir is the only place searched: never the env copy, the cache or Debian's."""
+    monkeypatch.setenv("PNNH_DATA", str(fashion_dir))
+    with pytest.raises(DatasetNotFoundError, match=f"data_dir {tmp_path / 'nowhere'} does not exist; pass --download"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
+    assert f"looked in {tmp_path / 'empty' / 'fashion-mnist'}, {tmp_path / 'empty'};" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert load_dataset("fashion-mnist", test_subset=10).name == "fashion-mnist"  # no data_dir: the fallbacks
+
+
+def test_labels_outside_the_classes_are_refused_at_load(fashion_dir, tmp_path):
+    d = tmp_path / "fashion-mnist"
+    d.mkdir()
+    for f in FASHION_FILES[:3]:
+        (d / f).symlink_to(fashion_dir / f)
+    labels = np.zeros(10000, np.uint8)
+    labels[17] = 10
+    write_idx(d / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(DatasetFormatError, match=r"t10k-labels-idx1-ubyte: label 10 at index 17 is outside the "
+                                                 r"10 classes 0..9 \(1 such labels\)"):
+        load_dataset("fashion-mnist", data_dir=tmp_path)
 
 
 # --- digits, synthetic, CIFAR, folder ------------------------------------------------
@@ -200,6 +228,49 @@ def test_tar_extraction_refuses_escapes(tmp_path, kind):
     with pytest.raises(DatasetFormatError, match="refusing member"):
         safe_extract_tar(archive, dest)
     assert list(dest.iterdir()) == [] and not (tmp_path / "escaped").exists()
+
+
+def test_tar_with_a_dot_member_extracts(tmp_path):
+    """`tar czf x.tar.gz -C dir .` archives start with a "." member: dest itself, not an escape."""
+    batches = write_cifar10(tmp_path / "src")
+    archive = tmp_path / "dot.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(batches.parent, arcname=".")
+    assert tarfile.open(archive).getnames()[0] == "."
+    assert safe_extract_tar(archive, tmp_path / "dest") == [tmp_path / "dest" / "cifar-10-batches-py"]
+    assert load_dataset("cifar10", data_dir=tmp_path / "dest").train_x.shape == (30, 3, 32, 32)
+
+
+def _png_declaring(path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels (its data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])  # Pillow warns above 89.5 Mpx, raises above twice that
+def test_image_folder_refuses_a_decompression_bomb(tmp_path, side):
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "ok.png")
+    _png_declaring(tmp_path / "train" / "a" / "bomb.png", side, side)
+    with pytest.raises(DatasetFormatError, match=r"bomb.png: refused, the image declares more pixels"):
+        load_dataset("folder", data_dir=tmp_path)
+
+
+def test_image_folder_refuses_an_empty_class_and_a_symlink_loop(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "0.png")
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.raises(DatasetFormatError, match=r"train/b: class folder holds no images; remove it"):
+        load_dataset("folder", data_dir=tmp_path)
+    (tmp_path / "train" / "b").rmdir()
+    (tmp_path / "train" / "loop").symlink_to(".")  # a link to its own folder
+    with pytest.raises(DatasetFormatError, match=r"train/loop: class folder holds no images \(a symlink to \.\)"):
+        load_dataset("folder", data_dir=tmp_path)
 
 
 def test_image_folder(tmp_path):

@@ -12,7 +12,7 @@ import pnnh
 from pnnh.cli import export as export_cli
 from pnnh.data import load_dataset
 from pnnh.models import fold as fold_module
-from pnnh.experiments.export import ExportError, check_batch, export_run, residual_counterpart
+from pnnh.experiments.export import ExportError, ExportMismatch, check_batch, export_run, residual_counterpart
 from pnnh.train import train
 
 # TorchScript is the requested format; its upstream deprecation notice is not this test's concern.
@@ -88,8 +88,8 @@ def test_failed_verification_is_loud_and_keeps_the_previous_file(run_dir, tmp_pa
         return folded
 
     monkeypatch.setattr(FOLD, "fold", broken_fold)
-    with pytest.raises(ExportError, match=r"differs from the trained one.*not written"):
-        export_run(run_dir, out, "torchscript", **FAST)
+    with pytest.raises(ExportMismatch, match=r"differs from the trained one.*not written"):
+        export_run(run_dir, out, "torchscript", overwrite=True, **FAST)
     assert out.read_bytes() == b"an earlier export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
 
@@ -113,9 +113,9 @@ def test_cli_writes_model_and_report(run_dir, tmp_path, capsys):
 
 
 def test_cli_bad_input_names_it(run_dir, tmp_path, capsys):
-    assert _cli([str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 1
+    assert _cli([str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 2
     assert f"{tmp_path} is not a pnnh run directory" in capsys.readouterr().err
-    assert _cli([str(run_dir), "--out", str(tmp_path / "m.pt"), "--check-images", "0"]) == 1
+    assert _cli([str(run_dir), "--out", str(tmp_path / "m.pt"), "--check-images", "0"]) == 2
     assert "check_images=0 is not valid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli([str(run_dir), "--out", str(tmp_path / "m.x"), "--format", "tflite"])

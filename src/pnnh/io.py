@@ -34,11 +34,34 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a full disk's error names no file by itself
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def check_creatable_dir(path: str | Path) -> None:
+    """Raise a one-line ``OSError`` unless ``path`` is a directory, or could be made one, that
+    this process can write in. Creates nothing, so a command refused here leaves no trace."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        under = f" (so {path} cannot be made)" if existing != path else ""
+        raise NotADirectoryError(f"{existing} is a file, not a directory{under}")
+    try:  # permissions, a read-only mount and /proc all refuse at the first entry made
+        os.rmdir(tempfile.mkdtemp(prefix=".pnnh-write-check-", dir=existing))
+    except OSError as err:
+        raise OSError(f"cannot create {path}: {err.strerror or err}") from None
+
+
+def os_error_line(err: OSError) -> str:
+    """``err`` as one line naming the file, without Python's ``[Errno N]`` prefix."""
+    if err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return err.strerror or str(err)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

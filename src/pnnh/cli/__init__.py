@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+
+from pnnh.io import os_error_line
 
 # In the order `pnnh --help` lists them.
 COMMAND_MODULES = ("models", "data", "train", "probe", "theory", "sweep", "bench", "export")
@@ -31,5 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OSError as err:  # the machine said no (full disk, read-only, no permission): the user's to fix
+        print(f"pnnh {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from pnnh.data.datasets import DATA_ENV, default_cache_dir, list_datasets, load_dataset
 from pnnh.data.download import BASE_URL_ENV, SHA256, download
@@ -27,7 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one `pnnh data` subcommand; returns the exit status."""
+    """Run one `pnnh data` subcommand; exit status 0, or 2 with one line on stderr when the data
+    cannot be found, read or fetched."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # not found, bad format, download failed, unwritable directory
+        print(f"pnnh data: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         print("\n".join(list_datasets()))
     elif args.data_command == "download":

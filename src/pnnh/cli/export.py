@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward when timing (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--threads", type=int, help="torch intra-op threads when timing (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists (default: refuse)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -33,21 +34,24 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pnnh.experiments.export import ExportError, export_run, format_report, write_report
+    from pnnh.experiments.export import ExportError, ExportMismatch, export_run, format_report, write_report
     from pnnh.train.config import ConfigError
 
     if args.threads is not None:
         if args.threads < 1:
             print(f"pnnh export: error: --threads={args.threads} is not valid; use 1 or more", file=sys.stderr)
-            return 1
+            return 2
         torch.set_num_threads(args.threads)
     try:
         report = export_run(args.run_dir, args.out, args.format, check_images=args.check_images,
                             checkpoint=args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
-                            repeats=args.repeats, progress=args.progress)
-    except (ExportError, ConfigError) as err:
+                            repeats=args.repeats, progress=args.progress, overwrite=args.force)
+    except ExportMismatch as err:  # the work failed, the input was fine
         print(f"pnnh export: error: {err}", file=sys.stderr)
         return 1
+    except (ExportError, ConfigError) as err:
+        print(f"pnnh export: error: {err}", file=sys.stderr)
+        return 2
     print(format_report(report))
     paths = write_report(report)
     print(f"wrote {report.out}, {', '.join(map(str, paths))}")

@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 def run_sweep_command(args) -> int:
     from pnnh.experiments.report import aggregate, format_console_table, write_report
-    from pnnh.experiments.sweep import load_sweep, run_sweep
+    from pnnh.experiments.sweep import failure_summary, load_sweep, run_sweep
 
     train = config_overrides(args, args.train_flags)
     try:
@@ -91,6 +91,10 @@ def run_sweep_command(args) -> int:
     report = write_report(args.out)
     print(format_console_table(aggregate(records)))
     print(f"report: {report}")
+    failed = failure_summary(records)
+    if failed:  # the report is written either way; the exit status tells a script the grid is incomplete
+        print(f"pnnh sweep: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pnnh.io import atomic_write_text, format_table, write_png
+from pnnh.io import atomic_write_text, check_creatable_dir, format_table, write_png
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -44,6 +44,10 @@ RESIDUAL_PREFIXES = (("pnnh_vit", "vit"), ("plain_vit", "vit"), ("pnnh_mlp", "re
 
 class ExportError(RuntimeError):
     """The run cannot be exported, or the exported model does not match the trained one."""
+
+
+class ExportMismatch(ExportError):
+    """The exported file computes other logits than the trained model (the file is not written)."""
 
 
 @dataclass
@@ -171,11 +175,13 @@ def _write_export(folded: nn.Module, example: torch.Tensor, fmt: str,
 
 def export_run(run_dir: str | Path, out: str | Path, fmt: str = "torchscript", *, check_images: int = 256,
                checkpoint: str = "auto", data_dir: str | None = None, tolerance: float = TOLERANCE,
-               batch_size: int = 128, repeats: int = 5, steps: int = 3, progress: bool = True) -> ExportReport:
+               batch_size: int = 128, repeats: int = 5, steps: int = 3, progress: bool = True,
+               overwrite: bool = False) -> ExportReport:
     """Fold the trained model of ``run_dir``, export it to ``out`` as ``fmt``, verify, time.
 
     See the module docstring. Raises ``ExportError`` for a bad run, a missing optional
-    package or a failed verification (then ``out`` is not touched).
+    package, an ``out`` that exists (unless ``overwrite``) or cannot be written, and
+    ``ExportMismatch`` for a failed verification (then ``out`` is not touched).
     """
     from pnnh.experiments.bench import interleave, timed
     from pnnh.models.fold import fold
@@ -187,12 +193,20 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "torchscript", *
                         ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ExportError(f"{name}={value!r} is not valid; it must be an int >= 1")
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory: name the file to write, e.g. {out / 'model.pt'}")
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out {out} exists: pass --force (overwrite=True) to replace it, or another --out")
+    try:
+        check_creatable_dir(out.parent)
+    except OSError as err:  # /proc, a read-only disk, a path under a file
+        raise ExportError(f"--out {out}: {err}") from None
     if fmt == "onnx":
         _onnx_runtime()  # fail before any work
     run = load_run(run_dir, checkpoint, data_dir)
     x, y = check_batch(run.splits, check_images)
     folded = fold(run.model)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -208,7 +222,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "torchscript", *
         got = exported(x)
         diff = (got - expected).abs().max().item()
         if not diff < tolerance:  # also catches NaN
-            raise ExportError(f"the exported model differs from the trained one: max |logits diff| = {diff:.3g} "
+            raise ExportMismatch(f"the exported model differs from the trained one: max |logits diff| = {diff:.3g} "
                               f">= {tolerance:g} on {len(x)} test images of {run.config.data}; {out} not written")
         umask = os.umask(0)
         os.umask(umask)

@@ -37,7 +37,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from pnnh.io import atomic_write_text, versions
+from pnnh.io import atomic_write_text, check_creatable_dir, versions
 from pnnh.train.checkpoint import load_checkpoint
 from pnnh.train.config import ConfigError, TrainConfig, load_config
 
@@ -150,6 +150,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
     configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
     cells = _training_order(spec)[index::count]
+    try:
+        check_creatable_dir(out)
+    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
+        raise ConfigError(f"--out {out}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     _write_manifest(out, spec, command)
     records = []
@@ -327,6 +331,16 @@ def _record(cell: Cell, status: str, result: dict, reason: str = "", detail: str
 
 def _discard_failed(cell_dir: Path) -> None:
     (cell_dir / "cell.json").rename(cell_dir / f"cell.failed-{int(time.time())}.json")
+
+
+def failure_summary(records: list[dict]) -> str | None:
+    """``"2 of 9 cells failed: ID (reason); ..."`` for the failed cells of ``records``, None if none."""
+    failed = [r for r in records if r["status"] == "failed"]
+    if not failed:
+        return None
+    reasons = "; ".join(f"{r['id']} ({(r['reason'].splitlines() or [''])[0]})" for r in failed)
+    return f"{len(failed)} of {len(records)} cells failed: {reasons} (each cell.json holds its traceback; " \
+           "--retry-failed trains them again)"
 
 
 def _one_line(record: dict) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.fx
@@ -89,6 +90,16 @@ class ResidualBlock(nn.Module):
         return inner + [(prefix, self)]
 
 
+def _coerce(field: str, value: Any, kind: str) -> Any:
+    """``value`` as the annotated ``kind`` ("float" / "int") when it is text spelling a number."""
+    if not isinstance(value, str) or kind not in ("float", "int"):
+        return value
+    try:
+        return float(value) if kind == "float" else int(value)
+    except ValueError:
+        raise ValueError(f"coder_{field}={value!r} is not valid: it must be a number ({kind})") from None
+
+
 @dataclass(frozen=True)
 class CoderSpec:
     """The PNNH design space (PNNH.md section 2); each field is a constructor argument."""
@@ -123,8 +134,11 @@ class CoderSpec:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "CoderSpec":
-        """Pop ``coder_*`` keyword arguments (``coder_ratio=0.25`` ...) out of ``kwargs``."""
-        fields = {f: kwargs.pop(f"coder_{f}") for f in cls.__dataclass_fields__ if f"coder_{f}" in kwargs}
+        """Pop ``coder_*`` keyword arguments (``coder_ratio=0.25`` ...) out of ``kwargs``.
+
+        A number given as text (YAML 1.1 reads ``1e-3`` as a string) becomes the field's type."""
+        fields = {f: _coerce(f, kwargs.pop(f"coder_{f}"), spec.type)
+                  for f, spec in cls.__dataclass_fields__.items() if f"coder_{f}" in kwargs}
         return cls(**fields)
 
     def code_channels(self, out_ch: int) -> int:

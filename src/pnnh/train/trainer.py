@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, remove_stale_temp_files
+from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, check_creatable_dir, remove_stale_temp_files
 from pnnh.train.callbacks import CallbackList
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
@@ -246,9 +246,11 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     try:
         train_loader = TensorLoader(splits.train_x, splits.train_y, batch, train=True,
                                     crop_pad=cfg.crop_pad, hflip=splits.hflip, seed=cfg.seed, **norm)
-    except ValueError as err:  # e.g. a batch larger than the training set
-        raise ConfigError(f"cannot batch {cfg.data!r} for training with batch_size={cfg.batch_size} over "
-                          f"{world} process(es): {err}") from err
+    except ValueError:  # a batch larger than the training set
+        n = len(splits.train_y)
+        over = f" over {world} processes" if world > 1 else ""
+        raise ConfigError(f"batch_size={cfg.batch_size}{over} is more than the {n} training images of {cfg.data!r}: "
+                          f"pass --batch-size {n - n % world} or less") from None
     # Evaluation keeps no activations for backward, so it affords twice the batch. Each rank
     # evaluates its shard of the split; _evaluate all-reduces the sums.
     eval_sets = {"test": (splits.test_x, splits.test_y)}
@@ -481,9 +483,14 @@ def _checkpoint_to_resume(out: Path) -> dict[str, Any] | None:
 
 
 def _refuse_non_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        entries = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
-        listing = f" (contains {', '.join(entries)}{', ...' if len(entries) == 5 else ''})" if entries else ""
+    """A new run needs ``out`` empty or absent, and creatable: refused now, before any data is read."""
+    try:
+        check_creatable_dir(out)
+    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
+        raise ConfigError(f"--out {out}: {err}") from None
+    if out.exists() and any(out.iterdir()):
+        entries = sorted(p.name for p in out.iterdir())[:5]
+        listing = f" (contains {', '.join(entries)}{', ...' if len(entries) == 5 else ''})"
         raise ConfigError(f"output directory {out} is not empty{listing}; pass --resume to continue that run "
                           "or choose another --out")
 

@@ -1,0 +1,284 @@
+"""Bad input and faults, as a hostile or careless user meets them: every case ends in exit code 2,
+one line on stderr that names the problem, no foreign code run, and nothing of the user's changed.
+
+Each case runs the real command in-process (``pnnh.cli.main``) on real files: a tiny trained run
+on sklearn digits, checkpoints with a live payload, a read-only and a full filesystem (tmpfs,
+mounted where the test may mount), a closed port for "no network".
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datafiles import FASHION_FILES, write_idx
+from pnnh.cli import main
+from pnnh.experiments.sweep import load_sweep, probe_curves
+from pnnh.models import create_model
+from pnnh.train import train
+from pnnh.train.checkpoint import CheckpointError
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")]
+TINY = ["--model", "pnnh8", "--set", "width=8", "--data", "digits", "--epochs", "1", "--max-steps", "1",
+        "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A real run: 3 SGD steps of pnnh8 (width 8) on digits, with best.pt and last.pt."""
+    out = tmp_path_factory.mktemp("runs") / "pnnh8"
+    train({"model": "pnnh8", "data": "digits", "model_kwargs": {"width": 8}, "epochs": 1, "max_steps": 3,
+           "batch_size": 32, "out": str(out)}, progress=False)
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A private copy of the trained run that a test may damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def tree_digest(*roots: Path) -> dict[str, str]:
+    """Every file and folder under ``roots``: path -> SHA-256 of the bytes ("dir" for a folder)."""
+    out = {}
+    for root in roots:
+        for p in sorted([root, *root.rglob("*")]) if root.exists() else []:
+            out[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def fails_cleanly(capsys, argv: list[str], *needles: str, untouched: tuple[Path, ...] = ()) -> str:
+    """Run ``pnnh ARGV``: exit 2, exactly one stderr line naming the problem, ``untouched`` unchanged."""
+    before = tree_digest(*untouched)
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pnnh {argv[0]}: error: "), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    assert tree_digest(*untouched) == before
+    return lines[0]
+
+
+# --- 1. checkpoints never run code ----------------------------------------------------------
+
+class Payload:
+    """Unpickling this calls ``os.system`` to create ``marker``: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, kind: str, marker: Path, good: bytes) -> None:
+    """Replace the checkpoint ``path`` by a malicious, truncated or foreign file."""
+    if kind == "malicious":
+        torch.save({"model": Payload(marker)}, path)  # a real torch file whose unpickling runs a command
+    elif kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        path.write_text("model: not a checkpoint\n")
+
+
+def test_the_payload_is_live(tmp_path):
+    """Guards the test below: loaded without weights_only, the planted file does run its command."""
+    marker = tmp_path / "ran"
+    plant(tmp_path / "evil.pt", "malicious", marker, b"")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+READERS = {  # where a checkpoint is read -> the command, given the run directory and a scratch dir
+    "resume": lambda run, tmp: ["train", "--resume", "--out", run],
+    "export": lambda run, tmp: ["export", run, "--out", tmp / "model.pt", "--repeats", "1"],
+    "probe": lambda run, tmp: ["probe", "--models", "pnnh8", "--checkpoint", run, "--out", tmp / "probe"],
+    "guide": lambda run, tmp: ["train", *TINY, "--guide", f"pnnh8:{run}", "--out", tmp / "guided"],
+}
+WHAT = {"malicious": "refused to unpickle it (Trying to load unsupported GLOBAL posix.system", "truncated": "is not a pnnh checkpoint",
+        "foreign": "is not a pnnh checkpoint"}
+
+
+@pytest.mark.parametrize("kind", WHAT)
+@pytest.mark.parametrize("reader", READERS)
+def test_a_bad_checkpoint_is_refused_in_one_line(capsys, run, tmp_path, reader, kind):
+    marker = tmp_path / "ran"
+    for name in ("best.pt", "last.pt"):
+        plant(run / name, kind, marker, (run / name).read_bytes())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    line = fails_cleanly(capsys, READERS[reader](run, scratch), WHAT[kind], untouched=(run,))
+    assert f"{run}/best.pt" in line or f"{run}/last.pt" in line
+    assert not marker.exists()
+    assert list(scratch.iterdir()) == []  # no output started
+
+
+@pytest.mark.parametrize("kind", WHAT)
+def test_sweep_probe_refuses_a_checkpoint_swapped_in_after_training(tmp_path, kind):
+    spec = load_sweep(families=["pnnh"], depths=[8], seeds=1,
+                      train={"data": "digits", "epochs": 1, "max_steps": 2, "batch_size": 32},
+                      model_kwargs={"width": 8})
+    cell = spec.cells()[0]
+    cfg = cell.config(tmp_path / "sweep")
+    train(cfg, progress=False)
+    marker = tmp_path / "ran"
+    last = Path(cfg.out) / "last.pt"
+    plant(last, kind, marker, last.read_bytes())
+    with pytest.raises(CheckpointError, match=WHAT[kind].replace("(", r"\(")) as err:
+        probe_curves(cell, cfg)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+# --- 2. an explicit data path is used or fails --------------------------------------------------
+
+def test_an_explicit_data_dir_is_never_replaced(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for given in (tmp_path / "nowhere", tmp_path / "empty"):
+        fails_cleanly(capsys, ["train", *TINY, "--data", "fashion-mnist", "--data-dir", given,
+                               "--out", tmp_path / "run"], f"dataset 'fashion-mnist' not found", given)
+        assert not (tmp_path / "run").exists()
+    fails_cleanly(capsys, ["data", "info", "mnist", "--data-dir", tmp_path / "empty"],
+                  f"looked in {tmp_path / 'empty' / 'mnist'}, {tmp_path / 'empty'};", untouched=(tmp_path / "empty",))
+
+
+# --- 3. a sweep with failed cells fails ---------------------------------------------------------
+
+def test_a_sweep_with_a_failed_cell_exits_1_naming_it(capsys, tmp_path):
+    status = main(["sweep", "--families", "pnnh", "--depths", "7", "--data", "digits", "--epochs", "1",
+                   "--set", "width=4", "--out", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err
+    assert status == 1
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("pnnh sweep: 1 of 1 cells failed: pnnh-d7-s0 (ConfigError: cannot build model")
+    assert "depth=7 is not valid" in summary and "--retry-failed" in summary
+    assert (tmp_path / "sweep" / "report.md").exists()  # the report is written all the same
+
+
+# --- 4. one line, exit 2, for what users get wrong ------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (root only; skips elsewhere: nothing else gives a real full or
+    read-only filesystem)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+OUT_COMMANDS = {
+    "train": lambda run, out: ["train", *TINY, "--out", out],
+    "sweep": lambda run, out: ["sweep", "--families", "pnnh", "--depths", "8", "--data", "digits", "--epochs", "1",
+                               "--out", out],
+    "export": lambda run, out: ["export", run, "--out", out / "model.pt", "--repeats", "1"],
+}
+
+
+@pytest.mark.parametrize("where", ["proc", "under a file", "read-only"])
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_an_unwritable_out_is_one_line(capsys, run, tmp_path, command, where):
+    with contextlib.ExitStack() as stack:
+        if where == "proc":
+            out, reason = Path("/proc/pnnh-run"), "No such file or directory"
+        elif where == "under a file":
+            (tmp_path / "notes.txt").write_text("mine")
+            out, reason = tmp_path / "notes.txt" / "run", "is a file"
+        else:
+            out, reason = stack.enter_context(tmpfs(tmp_path / "ro", "ro,size=64k")) / "run", "Read-only file system"
+        fails_cleanly(capsys, OUT_COMMANDS[command](run, out), reason, untouched=(tmp_path,))
+
+
+def full_disk_torch_save(obj, f, *args, **kwargs):
+    """``torch.save`` on a disk that fills up part-way: some bytes land, then ENOSPC."""
+    f.write(b"\0" * 4096)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_no_temp_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", full_disk_torch_save)
+    status = main(["train", *TINY, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("pnnh train: error: ")
+    assert "No space left on device" in err.strip().splitlines()[-1]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_really_full_disk_is_one_line(capsys, tmp_path):
+    with tmpfs(tmp_path / "small", "size=16k") as small:  # 4 pages: config.yaml and the log fit, last.pt not
+        status = main(["train", *TINY, "--out", str(small / "run")])
+        err = capsys.readouterr().err
+        assert status == 2 and "Traceback" not in err
+        assert "No space left on device" in err.strip().splitlines()[-1]
+        assert not [p for p in (small / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_a_bad_width_is_refused_before_the_run_directory_exists(capsys, tmp_path, value):
+    fails_cleanly(capsys, ["train", *TINY, "--set", f"width={value}", "--out", tmp_path / "run"], f"width={value}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_labels_outside_the_classes_are_one_line(capsys, fashion_dir, tmp_path):
+    d = tmp_path / "fashion-mnist"
+    d.mkdir()
+    for f in FASHION_FILES[:3]:
+        (d / f).symlink_to(fashion_dir / f)
+    labels = np.zeros(10000, np.uint8)
+    labels[5] = 255
+    write_idx(d / "t10k-labels-idx1-ubyte", labels)
+    fails_cleanly(capsys, ["data", "info", "fashion-mnist", "--data-dir", tmp_path], "label 255 at index 5",
+                  untouched=(tmp_path,))
+
+
+# --- 5. smaller ones ------------------------------------------------------------------------------
+
+def test_set_coerces_a_number_yaml_reads_as_text(tmp_path):
+    """YAML 1.1 reads 1e-3 as text; the coder field is a float, so the text becomes that float."""
+    assert main(["train", *TINY, "--set", "coder_scale=1e-3", "--out", str(tmp_path / "run")]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    as_text = create_model("pnnh8", width=8, coder_scale="1e-3").eval()
+    torch.manual_seed(0)
+    as_float = create_model("pnnh8", width=8, coder_scale=0.001).eval()
+    assert torch.equal(as_text(x), as_float(x))
+    with pytest.raises(ValueError, match="coder_scale='big' is not valid: it must be a number"):
+        create_model("pnnh8", coder_scale="big")
+
+
+def test_out_naming_a_file_says_file(capsys, tmp_path):
+    (tmp_path / "run").write_text("mine")
+    line = fails_cleanly(capsys, ["train", *TINY, "--out", tmp_path / "run"], f"{tmp_path / 'run'} is a file",
+                         untouched=(tmp_path,))
+    assert "directory" not in line.split("is a file")[0]
+
+
+def test_export_does_not_overwrite_a_file_without_force(capsys, run, tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_text("my other model")
+    fails_cleanly(capsys, ["export", run, "--out", target, "--repeats", "1"], f"{target} exists", "--force",
+                  untouched=(target,))
+    assert main(["export", str(run), "--out", str(target), "--repeats", "1", "--force", "--no-progress"]) == 0
+    assert torch.jit.load(str(target)) is not None
+
+
+def test_batch_size_error_names_an_option_that_exists(capsys, tmp_path):
+    line = fails_cleanly(capsys, ["train", *TINY, "--batch-size", "5000", "--out", tmp_path / "run"],
+                         "batch_size=5000", "--batch-size")
+    assert "drop_last" not in line and "world_size" not in line
