@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import io
 import json
 import sys
 
@@ -46,7 +49,10 @@ def test_torchscript_export_round_trip(run_dir, tmp_path):
     report = export_run(run_dir, out, "torchscript", **FAST)
     assert report.max_abs_diff < 1e-4 and report.check_images == 64 and report.argmax_agreement == 1.0
     x, _ = digits_batch(100)  # more images than were checked, another batch size: the file is general
-    loaded = torch.jit.load(str(out))
+    extra = {"metadata.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert meta["input_size"] == [1, 8, 8] and meta["mean"] == pytest.approx(load_dataset("digits").mean)
     with torch.no_grad():
         assert (loaded(x) - trained_logits(run_dir, x)).abs().max().item() < 1e-4
     graph = str(loaded.inlined_graph)
@@ -67,6 +73,32 @@ def test_onnx_export_round_trip_with_onnxruntime(run_dir, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     assert (got - trained_logits(run_dir, x)).abs().max().item() < 1e-4
+    # A plain chain: stem conv + ReLU, then one Conv and one Max (the partial ReLU) per PNNH layer.
+    assert onnx_ops(out) == {"Conv": 7, "Relu": 1, "Max": 6, "ReduceMean": 1, "Reshape": 1, "Gemm": 1}
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    splits = load_dataset("digits")
+    assert meta["input_size"] == [1, 8, 8] and meta["num_classes"] == 10 and meta["model"] == "pnnh8"
+    assert meta["mean"] == pytest.approx(splits.mean) and meta["std"] == pytest.approx(splits.std)
+    assert meta["model_kwargs"] == {"width": 8} and meta["pnnh_version"] == pnnh.__version__
+
+
+def onnx_ops(path) -> dict[str, int]:
+    """How many nodes of each op type the ONNX graph in ``path`` has."""
+    import onnx
+
+    return dict(collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node))
+
+
+def test_folded_pnnh20_exports_as_conv_and_max_per_layer(tmp_path):
+    pytest.importorskip("onnxscript", reason="optional: pip install 'pnnh[onnx]'")
+    model = pnnh.create_model("pnnh20", num_classes=10, in_chans=1, img_size=28).eval()
+    folded = fold_module.fold(model)
+    x = torch.randn(2, 1, 28, 28)
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(folded, (x,), str(tmp_path / "p20.onnx"), dynamo=True, external_data=False)
+    # 19 convolutions (stem + 18 PNNH layers), a Max per PNNH layer, no Slice/ScatterND/Transpose.
+    assert onnx_ops(tmp_path / "p20.onnx") == {"Conv": 19, "Relu": 1, "Max": 18, "ReduceMean": 1, "Reshape": 1,
+                                              "Gemm": 1}
 
 
 def test_onnx_without_its_packages_says_how_to_get_them(run_dir, tmp_path, monkeypatch):

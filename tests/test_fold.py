@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import pnnh
 from pnnh.data import load_dataset
-from pnnh.models.fold import fold, fold_conv_bn
-from pnnh.models.layers import Coder, PartialBatchNorm, PNNHConv
+from pnnh.models.fold import ChannelFloor, fold, fold_conv_bn
+from pnnh.models.layers import Coder, PartialBatchNorm, PartialReLU, PNNHConv
 
 IMG = 16
 
@@ -85,9 +85,24 @@ PNNH_OPTIONS = [
 def test_fold_matches_every_pnnh_design_option(options, digits):
     model, folded = assert_folds("pnnh", digits, depth=14, width=8, **options)
     for layer, folded_layer in zip(model.body, folded.body, strict=True):
-        conv, act = folded_layer  # a straight chain of conv(+bias) + the layer's own activation
+        conv, act = folded_layer  # a straight chain of conv(+bias) + the layer's activation
         assert isinstance(conv, nn.Conv2d) and conv.bias is not None
-        assert type(act) is type(layer.act) and act is not layer.act
+        expected = ChannelFloor if isinstance(layer.act, PartialReLU) else type(layer.act)
+        assert type(act) is expected and act is not layer.act
+
+
+def test_channel_floor_equals_partial_relu():
+    """The folded form of the partial ReLU gives the same numbers, also for inf, NaN and -0.0
+    (equal as numbers: a learner channel's -0.0 may come out as +0.0)."""
+    y = torch.randn(4, 6, 5, 5)
+    y[0, :, 0, 0] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, float("-inf"), float("nan")])
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = y.contiguous(memory_format=layout)
+        expected, got = PartialReLU(2)(y.clone()), ChannelFloor(2, 6)(y.clone())
+        nan = expected.isnan()
+        assert torch.equal(nan, got.isnan()) and torch.equal(expected[~nan], got[~nan])
+        assert torch.allclose(got[:, :2], y[:, :2], rtol=0, atol=0, equal_nan=True)  # coder channels pass
+        assert got.is_contiguous(memory_format=layout)
 
 
 def test_fold_dirac_net_merges_dirac_kernel_and_batchnorm(digits):

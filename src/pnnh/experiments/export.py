@@ -8,7 +8,10 @@
    coder into each layer's weight, so a PNNH net becomes a straight chain of conv + activation.
 3. Export to a temporary file beside ``out``: TorchScript (``torch.jit.trace``; TorchScript is
    deprecated upstream but still the one-file format a C++ runtime loads) or ONNX
-   (``torch.onnx.export``, dynamic batch; needs ``pip install 'pnnh[onnx]'``).
+   (``torch.onnx.export``, dynamic batch; needs ``pip install 'pnnh[onnx]'``). A folded PNNH
+   net exports as one ``Conv`` and one ``Max`` (the partial ReLU, ``ChannelFloor``) per layer;
+   the file says how to feed it (:func:`export_metadata`: ONNX ``metadata_props``, one JSON
+   value per key; TorchScript ``metadata.json`` among its extra files).
 4. Load the exported file back (``torch.jit.load`` / onnxruntime) and compare its logits with
    the trained, unfolded model's on real test images of the run's dataset, in fp32. Only when
    the max abs difference is below ``tolerance`` (1e-4) does the file replace ``out``;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import statistics
 import tempfile
@@ -144,12 +148,28 @@ def _onnx_runtime():
     return onnxruntime
 
 
-def _write_export(folded: nn.Module, example: torch.Tensor, fmt: str,
-                  path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def export_metadata(run: LoadedRun) -> dict[str, object]:
+    """What the exported file records: how to feed it (``input_size`` [C, H, W], per-channel
+    ``mean``/``std`` in pixel/255 units, ``num_classes``), the model's name and keyword arguments,
+    the pnnh version, and whatever else its ``pretrained_cfg`` records (such as class names)."""
+    import pnnh
+
+    splits = run.splits
+    meta = {k: v for k, v in (getattr(run.model, "pretrained_cfg", None) or {}).items() if v is not None}
+    meta.update(model=run.config.model, model_kwargs=run.config.model_kwargs, num_classes=splits.num_classes,
+                input_size=[splits.in_chans, splits.img_size, splits.img_size], mean=list(splits.mean),
+                std=list(splits.std), pnnh_version=pnnh.__version__,
+                input="images: float32 (N, C, H, W), (pixels / 255 - mean) / std per channel",
+                output="logits: float32 (N, num_classes)")
+    return meta
+
+
+def _write_export(folded: nn.Module, example: torch.Tensor, fmt: str, path: Path,
+                  metadata: dict[str, object]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Export ``folded`` to ``path`` and return a function running the file as loaded back."""
     if fmt == "torchscript":
         with torch.no_grad():
-            torch.jit.trace(folded, example).save(str(path))
+            torch.jit.trace(folded, example).save(str(path), _extra_files={"metadata.json": json.dumps(metadata)})
         loaded = torch.jit.load(str(path))
 
         def run(x):
@@ -161,6 +181,11 @@ def _write_export(folded: nn.Module, example: torch.Tensor, fmt: str,
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
         torch.onnx.export(folded, (example,), str(path), dynamo=True, external_data=False,
                           input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},))
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {key: json.dumps(value) for key, value in metadata.items()})
+    onnx.save(model, str(path))
     options = ort.SessionOptions()
     # onnxruntime's threads spin-wait between runs by default, stealing the CPU from the
     # torch models timed right after; share the cores the way torch does instead.
@@ -212,7 +237,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "torchscript", *
     os.close(fd)
     try:
         try:
-            exported = _write_export(folded, x[:2], fmt, Path(tmp))
+            exported = _write_export(folded, x[:2], fmt, Path(tmp), export_metadata(run))
         except ExportError:
             raise
         except Exception as err:  # the exporters raise many types; name the step that failed
@@ -278,8 +303,6 @@ def format_report(report: ExportReport) -> str:
 
 def write_report(report: ExportReport) -> list[Path]:
     """``<out>.report.json`` and ``<out>.report.png`` (inference images/s per model) beside the export."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

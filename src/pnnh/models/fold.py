@@ -9,7 +9,8 @@ function as ``model.eval()`` with fewer operations:
 - every PNNH layer (``PNNHConv``) becomes ``Sequential(Conv2d(bias=True), activation)``: its
   weight is ``cat([K, W])`` (``cat([K, -K, W])`` looks-linear) with the layer's BatchNorm or
   PartialBatchNorm folded in, so a PNNH net becomes a straight chain of conv + channel-wise
-  activation layers, with no coder left to share;
+  activation layers, with no coder left to share; the partial ReLU becomes
+  :class:`ChannelFloor`, one elementwise max (one ONNX ``Max`` node per layer);
 - ResNet blocks fold the BatchNorms of their convolutions and keep their addition: the
   shortcut is part of the function they compute.
 
@@ -30,9 +31,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from pnnh.models.layers import PartialBatchNorm, PNNHConv
+from pnnh.models.layers import PartialBatchNorm, PartialReLU, PNNHConv
 
-__all__ = ["fold", "bn_scale_shift", "fold_conv_bn"]
+__all__ = ["fold", "bn_scale_shift", "fold_conv_bn", "ChannelFloor"]
 
 
 def bn_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +79,38 @@ def _conv_with_bias(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -
     return out
 
 
+class ChannelFloor(nn.Module):
+    """``max(y, floor)`` with one floor per channel: :class:`PartialReLU` as one elementwise op.
+
+    The floor is -inf on the first ``start`` (coder) channels, which pass unchanged, and 0 on
+    the others, where ``max(y, 0)`` is the ReLU: the same numbers as ``PartialReLU(start)``
+    (``torch.equal``; only a -0.0 may come out as +0.0).
+    Its point is the exported graph: a max against a constant is one ONNX ``Max`` node, where
+    the in-place ReLU on a channel slice exports as Slice + Relu + ScatterND (+ Transposes).
+    Training keeps ``PartialReLU``, which touches only the learner channels.
+    """
+
+    def __init__(self, start: int, channels: int):
+        super().__init__()
+        self.start = start
+        floor = torch.zeros(1, channels, 1, 1)
+        floor[:, :start] = -torch.inf
+        self.register_buffer("floor", floor)
+
+    def forward(self, y):
+        return y.clamp_min_(self.floor)  # in place: y is the fresh convolution output
+
+    def extra_repr(self):
+        return f"start={self.start}, channels={self.floor.shape[1]}"
+
+
+def _inference_act(act: nn.Module, channels: int) -> nn.Module:
+    """The layer's activation in its one-op form (a copy: the trained model keeps its own)."""
+    if isinstance(act, PartialReLU):
+        return ChannelFloor(act.start, channels)
+    return copy.deepcopy(act)
+
+
 def _fold_pnnh(layer: PNNHConv) -> nn.Sequential:
     with torch.no_grad():
         weight, bias = fold_conv_bn(layer.fused_weight(), None, layer.norm)
@@ -86,7 +119,7 @@ def _fold_pnnh(layer: PNNHConv) -> nn.Sequential:
                      device=weight.device, dtype=weight.dtype)
     conv.weight.data.copy_(weight)
     conv.bias.data.copy_(bias)
-    return nn.Sequential(conv, copy.deepcopy(layer.act))
+    return nn.Sequential(conv, _inference_act(layer.act, out_ch).to(weight.device))
 
 
 def _fold_sequential(seq: nn.Sequential) -> None:
