@@ -9,6 +9,7 @@ import torch.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FIXED: dict[str, dict] = {}  # keyword arguments a registered name pins (e.g. depth for pnnh56)
+SIZE_ARGS = ("depth", "width", "num_classes", "in_chans", "img_size")  # timm's shared sizes: positive ints
 
 
 class UnknownModelError(ValueError):
@@ -47,6 +48,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
                 f"model {name!r} fixes {key}={value}; got {key}={kwargs[key]}. "
                 f"Use create_model({base!r}, {key}={kwargs[key]}) for another {key}"
             )
+    for key in SIZE_ARGS:  # caught here, one clear line, rather than as a tensor-shape error deep inside
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} is not valid for {name!r}: it must be an integer >= 1")
     model = _MODELS[name](**{**kwargs, **_FIXED[name]})
     model.model_name = name
     return model
