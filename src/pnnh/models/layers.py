@@ -133,13 +133,13 @@ class CoderSpec:
             raise ValueError("coder_fusion='sum' needs coder_form='partial'")
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "CoderSpec":
+    def from_kwargs(cls, kwargs: dict, base: "CoderSpec | None" = None) -> "CoderSpec":
         """Pop ``coder_*`` keyword arguments (``coder_ratio=0.25`` ...) out of ``kwargs``.
 
         A number given as text (YAML 1.1 reads ``1e-3`` as a string) becomes the field's type."""
         fields = {f: _coerce(f, kwargs.pop(f"coder_{f}"), spec.type)
                   for f, spec in cls.__dataclass_fields__.items() if f"coder_{f}" in kwargs}
-        return cls(**fields)
+        return replace(base, **fields) if base is not None else cls(**fields)
 
     def code_channels(self, out_ch: int) -> int:
         """Coder output channels of a layer with ``out_ch`` channels (all of them for ``sum``)."""
@@ -197,6 +197,7 @@ class Coder(nn.Module):
             with torch.no_grad():
                 self.weight[centre] = code_read_matrix(spec, n_code, in_ch, in_code)
         self.weight.requires_grad_(spec.trainable)
+        self.spec = spec  # the design it was built for: a layer given this coder defaults to it
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -271,14 +272,24 @@ class SumFusion(nn.Module):
 class PNNHConv(nn.Module):
     """One PNNH layer: one convolution with weight ``cat([K, W])``, one norm, a partial activation.
 
-    ``coder`` is the (possibly shared) :class:`Coder`; ``weight`` is this layer's learner W.
-    ``norm_code=False`` leaves the coder channels unnormalised. Output layout: ``n_code`` coder channels (``2 n_code`` as (+c, -c) pairs in the
-    looks-linear form), then the learner channels.
+    ``PNNHConv(16, 16)`` is a 3x3 layer with a coder of its own; ``coder=other.coder`` shares
+    another layer's coder (:class:`PNNHStage` does that for a run of layers). The design comes
+    from ``spec`` and/or ``coder_*`` keywords (``coder_ratio=0.25``), else from the given coder.
+    ``weight`` is this layer's learner W. ``norm_code=False`` leaves the coder channels
+    unnormalised (default: ``coder_norm != "none"``). Output layout: ``n_code`` coder channels
+    (``2 n_code`` as (+c, -c) pairs in the looks-linear form), then the learner channels.
     """
 
-    def __init__(self, spec: CoderSpec, coder: Coder, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1,
-                 norm_code: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, *, spec: CoderSpec | None = None,
+                 coder: Coder | None = None, norm_code: bool | None = None, **coder_kwargs):
         super().__init__()
+        _check_sizes(in_ch=in_ch, out_ch=out_ch, kernel=kernel, stride=stride)
+        spec = coder_spec(spec, coder, **coder_kwargs)
+        if coder is None:
+            coder = make_coder(spec, in_ch, out_ch, kernel, stride)
+        _check_coder(coder, spec, in_ch, out_ch, kernel)
+        if norm_code is None:
+            norm_code = spec.norm != "none"
         self.spec, self.coder, self.stride, self.padding = spec, coder, stride, kernel // 2
         self.coder_pad = (kernel - coder.weight.shape[-1]) // 2  # a 1x1 coder sits at the 3x3 centre
         n_code = coder.weight.shape[0]
@@ -334,6 +345,51 @@ class PNNHConv(nn.Module):
         return self.act(self.norm(torch.cat([c, u], dim=1)))
 
 
+def coder_spec(spec: CoderSpec | None = None, coder: Coder | None = None, **coder_kwargs) -> CoderSpec:
+    """The design of a layer: ``spec`` (else ``coder``'s, else the default) with ``coder_*`` keywords applied."""
+    base = spec if spec is not None else coder.spec if coder is not None else CoderSpec()
+    spec = CoderSpec.from_kwargs(coder_kwargs, base)
+    if coder_kwargs:
+        valid = ", ".join(f"coder_{f}" for f in CoderSpec.__dataclass_fields__)
+        raise TypeError(f"unexpected keyword arguments {sorted(coder_kwargs)}; the PNNH options are {valid}")
+    return spec
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TypeError(f"{name}={value!r} must be a positive int (the design goes in spec= or coder_* keywords)")
+    if sizes.get("kernel", 1) % 2 == 0:
+        raise ValueError(f"kernel={sizes['kernel']} must be odd (padding kernel // 2 keeps the size)")
+
+
+def make_coder(spec: CoderSpec, in_ch: int, out_ch: int, kernel: int | None = 3, stride: int = 1) -> Coder:
+    """A new coder for a layer ``in_ch -> out_ch`` (``kernel=None``: a linear coder).
+
+    A layer that keeps width and resolution gets ``spec``'s coder, initialised for the layout a
+    PNNH layer produces (code channels first). A transition (stride or width change) gets a coder
+    that copies the first input channels (PNNH.md: dirac onto the first channels).
+    """
+    n_code = spec.code_channels(out_ch) // (2 if spec.form == "looks-linear" else 1)
+    coder_kernel = None if kernel is None else min(spec.kernel, kernel)
+    if stride != 1 or in_ch != out_ch:
+        init = spec.init if spec.init in ("kaiming", "orthogonal") else "copy"
+        return Coder(replace(spec, init=init, form="partial"), n_code, in_ch, in_ch, coder_kernel)
+    in_code = in_ch if spec.fusion == "sum" else min(in_ch, spec.code_channels(out_ch))
+    return Coder(spec, n_code, in_ch, in_code, coder_kernel)
+
+
+def _check_coder(coder: Coder, spec: CoderSpec, in_ch: int, out_ch: int, kernel: int | None) -> None:
+    """A shared coder must fit the layer: its shape follows from the layer's sizes and ``spec``."""
+    n_code = spec.code_channels(out_ch) // (2 if spec.form == "looks-linear" else 1)
+    shape = tuple(coder.weight.shape)
+    fits = shape[:2] == (n_code, in_ch) and (
+        len(shape) == 2 if kernel is None else len(shape) == 4 and shape[2] == shape[3] <= kernel)
+    if not fits:
+        raise ValueError(f"a coder of shape {shape} does not fit a PNNH layer {in_ch} -> {out_ch} "
+                         f"(coder_ratio={spec.ratio}: {n_code} code channels read from {in_ch})")
+
+
 def pnnh_layers(spec: CoderSpec, stages: list[list[tuple[int, int, int, int]]]) -> list[PNNHConv]:
     """PNNH layers for (in_ch, out_ch, kernel, stride) specs, given stage by stage.
 
@@ -347,18 +403,63 @@ def pnnh_layers(spec: CoderSpec, stages: list[list[tuple[int, int, int, int]]]) 
         shared: dict[tuple, Coder] = {}
         for n, (in_ch, out_ch, kernel, stride) in enumerate(convs):
             norm_code = spec.norm == "bn" or (spec.norm == "stage_end" and n == len(convs) - 1)
-            n_code = spec.code_channels(out_ch) // (2 if spec.form == "looks-linear" else 1)
-            ck = min(spec.kernel, kernel)
             key = (in_ch, out_ch, kernel)
-            if stride != 1 or in_ch != out_ch:
-                init = spec.init if spec.init in ("kaiming", "orthogonal") else "copy"
-                coder = Coder(replace(spec, init=init, form="partial"), n_code, in_ch, in_ch, ck)
-            elif key in shared:
-                coder = shared[key]
-            else:
-                in_code = in_ch if spec.fusion == "sum" else min(in_ch, spec.code_channels(out_ch))
-                coder = Coder(spec, n_code, in_ch, in_code, ck)
-                if spec.sharing == "stage":
+            transition = stride != 1 or in_ch != out_ch
+            coder = shared.get(key) if not transition else None
+            if coder is None:
+                coder = make_coder(spec, in_ch, out_ch, kernel, stride)
+                if not transition and spec.sharing == "stage":
                     shared[key] = coder
-            layers.append(PNNHConv(spec, coder, in_ch, out_ch, kernel, stride, norm_code))
+            layers.append(PNNHConv(in_ch, out_ch, kernel, stride, spec=spec, coder=coder, norm_code=norm_code))
     return layers
+
+
+class PNNHStage(nn.Sequential):
+    """A stage: ``depth`` PNNH layers sharing one coder, ``in_ch -> out_ch`` (with ``stride``) then
+    ``out_ch -> out_ch``. The design comes from ``spec`` and/or ``coder_*`` keywords.
+
+        stage = PNNHStage(16, 32, depth=6, stride=2, coder_ratio=0.5)
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, depth: int, kernel: int = 3, stride: int = 1, *,
+                 spec: CoderSpec | None = None, **coder_kwargs):
+        _check_sizes(in_ch=in_ch, out_ch=out_ch, depth=depth, kernel=kernel, stride=stride)
+        convs = [(in_ch, out_ch, kernel, stride)] + [(out_ch, out_ch, kernel, 1)] * (depth - 1)
+        super().__init__(*pnnh_layers(coder_spec(spec, **coder_kwargs), [convs]))
+
+
+class PNNHLinear(nn.Module):
+    """The PNNH layer over features (the last dimension): a Transformer sub-layer or an MLP layer.
+
+        h' = concat( K h, fn(LN(h)) )      K: frozen coder, n_code x in_dim (PNNH.md section 3)
+
+    ``fn`` is the learner, mapping ``in_dim`` to ``learner_dim = out_dim - n_code`` features: an
+    attention or MLP sub-layer whose output projection is that narrow, or by default
+    ``Linear(in_dim, learner_dim)`` + ReLU. ``coder=other.coder`` shares a coder (the PNNH ViT
+    shares one among its attention sub-layers and one among its MLPs); ``norm`` replaces the
+    LayerNorm. The code is never normalised, so only the partial / concat design applies.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int | None = None, fn: nn.Module | None = None, *,
+                 spec: CoderSpec | None = None, coder: Coder | None = None, norm: nn.Module | None = None,
+                 **coder_kwargs):
+        super().__init__()
+        out_dim = in_dim if out_dim is None else out_dim
+        _check_sizes(in_dim=in_dim, out_dim=out_dim)
+        spec = coder_spec(spec, coder, **coder_kwargs)
+        if spec.form != "partial" or spec.fusion != "concat":
+            raise ValueError(f"coder_form={spec.form!r}, coder_fusion={spec.fusion!r}: a PNNH linear layer "
+                             "supports coder_form='partial' with coder_fusion='concat' only")
+        self.learner_dim = out_dim - spec.code_channels(out_dim)
+        if fn is None:
+            fn = nn.Sequential(nn.Linear(in_dim, self.learner_dim), nn.ReLU())
+            he_normal_(fn[0].weight)
+            nn.init.zeros_(fn[0].bias)
+        if coder is None:
+            coder = make_coder(spec, in_dim, out_dim, None)
+        _check_coder(coder, spec, in_dim, out_dim, None)
+        self.fn, self.coder = fn, coder
+        self.norm = norm if norm is not None else nn.LayerNorm(in_dim)
+
+    def forward(self, h):
+        return torch.cat([F.linear(h, self.coder.weight), self.fn(self.norm(h))], dim=-1)

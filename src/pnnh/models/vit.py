@@ -1,12 +1,12 @@
 """Vision Transformers: pre-LN residual ViT, plain ViT, and the PNNH ViT (PNNH.md section 3).
 
-Every sub-layer (attention, MLP) is one :class:`SubLayer`; the three families differ only in
-how it combines its input h with f = Attn or MLP:
+Every sub-layer (attention, MLP) combines its input h with f = Attn or MLP; the three families
+differ only in how:
 
-- residual: h + f(LN(h))
-- plain:    f(LN(h))
-- pnnh:     concat(K h, f(LN(h)))  with K (r d x d) shared by all blocks, identity-initialised,
-            and f projecting to the remaining (1 - r) d dimensions.
+- residual: h + f(LN(h))                 (:class:`SubLayer`)
+- plain:    f(LN(h))                     (:class:`SubLayer`)
+- pnnh:     concat(K h, f(LN(h)))        (:class:`pnnh.models.layers.PNNHLinear`) with K (r d x d)
+            shared by all blocks, identity-initialised, and f projecting to the remaining (1 - r) d.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pnnh.models.layers import Coder, CoderSpec
+from pnnh.models.layers import CoderSpec, PNNHLinear, make_coder
 from pnnh.models.registry import register_model
 
 MODES = ("residual", "plain", "pnnh")
@@ -41,20 +41,16 @@ class FeedForward(nn.Sequential):
 
 
 class SubLayer(nn.Module):
-    """One Transformer sub-layer in the given ``mode`` (see the module docstring)."""
+    """One residual or plain Transformer sub-layer (see the module docstring)."""
 
-    def __init__(self, mode: str, fn: nn.Module, dim: int, coder: Coder | None = None):
+    def __init__(self, mode: str, fn: nn.Module, dim: int):
         super().__init__()
-        self.mode, self.fn, self.coder = mode, fn, coder
+        self.mode, self.fn = mode, fn
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, h):
         y = self.fn(self.norm(h))
-        if self.mode == "residual":
-            return h + y
-        if self.mode == "pnnh":
-            return torch.cat([F.linear(h, self.coder.weight), y], dim=-1)
-        return y
+        return h + y if self.mode == "residual" else y
 
 
 class ViT(nn.Module):
@@ -77,7 +73,7 @@ class ViT(nn.Module):
         if depth < 1:
             raise ValueError(f"depth={depth!r} is not valid for a ViT: use a number of blocks >= 1")
         dim = width
-        out_dim, coders = dim, (None, None)
+        out_dim, coders, spec = dim, (None, None), None
         if mode == "pnnh":
             spec = CoderSpec.from_kwargs(kwargs)
             if spec.form != "partial" or spec.fusion != "concat":  # its code is never normalised
@@ -85,17 +81,21 @@ class ViT(nn.Module):
                                  "and coder_trainable only")
             n_code = spec.code_channels(dim)
             out_dim = dim - n_code
-            make = lambda: Coder(spec, n_code, dim, n_code, None)  # noqa: E731
+            make = lambda: make_coder(spec, dim, dim, None)  # noqa: E731
             coders = (make(), make()) if spec.sharing == "stage" else None
         if kwargs:
             raise TypeError(f"unexpected keyword arguments for a ViT: {sorted(kwargs)}")
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, dim))
+
+        def sublayer(fn, coder):
+            return PNNHLinear(dim, fn=fn, spec=spec, coder=coder) if mode == "pnnh" else SubLayer(mode, fn, dim)
+
         layers = []
         for _ in range(depth):
             ka, km = coders if coders else (make(), make())
-            layers.append(SubLayer(mode, Attention(dim, heads, out_dim), dim, ka))
-            layers.append(SubLayer(mode, FeedForward(dim, int(dim * mlp_ratio), out_dim), dim, km))
+            layers.append(sublayer(Attention(dim, heads, out_dim), ka))
+            layers.append(sublayer(FeedForward(dim, int(dim * mlp_ratio), out_dim), km))
         self.blocks = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
