@@ -377,7 +377,7 @@ def test_dists_is_zero_for_equal_images_positive_and_symmetric(vgg_file):
 
 
 def test_dists_reads_the_dists_repository_layout_and_alpha_beta(vgg_file, tmp_path):
-    state = torch.load(vgg_file)
+    state = torch.load(vgg_file, weights_only=True)
     stage_state = {}
     for key, value in state.items():
         if key.startswith("features."):

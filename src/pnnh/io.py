@@ -12,6 +12,7 @@ import importlib.metadata
 import io
 import json
 import os
+import pickle
 import platform
 import tempfile
 from pathlib import Path
@@ -55,6 +56,43 @@ def check_creatable_dir(path: str | Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".pnnh-write-check-", dir=existing))
     except OSError as err:
         raise OSError(f"cannot create {path}: {err.strerror or err}") from None
+
+
+class UnreadableTorchFile(ValueError):
+    """A torch file that is truncated, of another format, or would run code when unpickled."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load`` of ``path`` onto the CPU, refusing code: the one place pnnh unpickles a torch file
+    (checkpoints, DISTS weights). ``weights_only=True`` refuses any pickle that would import or call
+    code, so a planted file can do nothing but fail. Raises ``FileNotFoundError`` for a missing file
+    and a one-line ``UnreadableTorchFile`` for any other failure."""
+    import torch  # not at the top: the command line imports this module and must start fast
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a planted, truncated or foreign file fails in many ways; each means "not ours"
+        raise UnreadableTorchFile(path, _load_failure(err)) from None
+
+
+def _load_failure(err: Exception) -> str:
+    """One line saying why ``torch.load`` refused a file (its own messages run over many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, pickle.UnpicklingError):
+        wanted = next((line for line in lines if "global" in line.lower()), None)
+        if wanted is not None:
+            return f"refused to unpickle it ({wanted})"
+        return "truncated or another format (not a torch pickle of tensors and plain data)"
+    if isinstance(err, OSError):
+        return f"truncated or another format ({err.strerror or err})"
+    return f"truncated or another format ({lines[0].split('. ')[0] if lines else type(err).__name__})"
 
 
 def os_error_line(err: OSError) -> str:

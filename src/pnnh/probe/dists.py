@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pnnh.io import UnreadableTorchFile, load_torch_file
+
 # torchvision's VGG16 "features" layout: conv widths, "M" = 2x down-sampling.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 # Indices (in that layout) of the ReLUs DISTS taps: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
@@ -150,9 +152,9 @@ def _load_tensor_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"DISTS weights file {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a torch state_dict file ({type(err).__name__}: {err})") from err
+        obj = load_torch_file(path)
+    except UnreadableTorchFile as err:
+        raise ValueError(f"{path}: not a torch state_dict file ({err.reason})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -7,7 +7,6 @@ either the old file or the new one. Checkpoints hold only tensors and plain data
 from __future__ import annotations
 
 import io
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pnnh.io import atomic_write
+from pnnh.io import UnreadableTorchFile, atomic_write, load_torch_file
 from pnnh.train.config import ConfigError
 
 
@@ -36,34 +35,20 @@ class CheckpointError(ConfigError):
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint saved by ``save_checkpoint`` onto the CPU (tensors and plain data only).
 
-    The one way pnnh opens a checkpoint (resume, export, probe, guide, sweep, ``pnnh.load``):
-    ``weights_only=True`` refuses any pickle that would import or call code, so a planted file
-    can do nothing but fail. Every failure is a one-line ``CheckpointError`` naming the file.
+    The one way pnnh opens a checkpoint (resume, export, probe, guide, sweep, ``pnnh.load``), through
+    ``pnnh.io.load_torch_file`` (``weights_only=True``: a planted file can do nothing but fail).
+    Every failure is a one-line ``CheckpointError`` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a planted, truncated or foreign file fails in many ways; each means "not ours"
-        raise CheckpointError(f"{path} is not a pnnh checkpoint: {_load_failure(err)}") from None
+        state = load_torch_file(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {err}") from None
+    except UnreadableTorchFile as err:
+        raise CheckpointError(f"{path} is not a pnnh checkpoint: {err.reason}") from None
     if not isinstance(state, dict) or "model" not in state:
         found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a pnnh checkpoint: expected a dict with a 'model' entry, found {found}")
     return state
-
-
-def _load_failure(err: Exception) -> str:
-    """One line saying why ``torch.load`` refused a file (its own messages run over many lines)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if isinstance(err, pickle.UnpicklingError):
-        wanted = next((line for line in lines if "global" in line.lower()), None)
-        if wanted is not None:
-            return f"refused to unpickle it ({wanted})"
-        return "truncated or another format (not a torch pickle of tensors and plain data)"
-    if isinstance(err, OSError):
-        return f"truncated or another format ({err.strerror or err})"
-    return f"truncated or another format ({lines[0].split('. ')[0] if lines else type(err).__name__})"
 
 
 def run_checkpoint(run_dir: str | Path, names: tuple[str, ...] = ("best.pt", "last.pt")) -> Path | None:
