@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from pnnh.experiments.launch import job_states  # noqa: E402
 from pnnh.experiments.sweep import read_cells, unfinished_cells  # noqa: E402
 from pnnh.io import atomic_write_text, format_table, write_csv, write_png  # noqa: E402
 
@@ -178,10 +179,22 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
         text += [f"**Part-way: {len(cells)} of {total} cells recorded.** Training now: "
                  f"{', '.join(running) or 'none'}. Not started or interrupted (re-run the command to resume): "
                  f"{', '.join(waiting) or 'none'}.", ""]
+        jobs = job_states(out)
+        held = [f"- {c}: {_job_line(jobs[c])}" for c in running + waiting if c in jobs]
+        if held:
+            text += ["Cluster jobs (`.jobs/<cell>.json`):", ""] + held + [""]
     text += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(text) + "\n")
     return report
+
+
+def _job_line(state: dict) -> str:
+    """``running on HOST since T (job J, start 2)`` from a cell's job record."""
+    where = {"queued": f"queued since {state.get('submitted')}", "running": f"running on {state.get('host')} since "
+             f"{state.get('started')}", "requeued": f"requeued at {state.get('requeued')}"}
+    text = where.get(state.get("state"), state.get("state", "?"))
+    return f"{text} (job {state.get('job')}, start {state.get('starts', 0)})"
 
 
 def variant_colors(variants: list[str]) -> dict[str, tuple]:

@@ -1,0 +1,112 @@
+"""Sweeps as submitit jobs, run by submitit's LocalExecutor (real processes, real signals):
+two tiny cells on digits run to completion; a preempted job (USR2, as Slurm sends before it
+stops a job) checkpoints, is requeued and resumes its cell; a job killed outright is resumed
+by submitting the same sweep again; and the report reads the directory while jobs run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pnnh.experiments.launch import ClusterOptions, cluster_options, job_states, submit_sweep
+from pnnh.experiments.report import write_report
+from pnnh.experiments.sweep import load_sweep, read_cells
+from pnnh.train.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"data": "digits", "img_size": 8, "batch_size": 128, "device": "cpu", "precision": "fp32"}
+OPTIONS = ClusterOptions(gpus=0, cpus=1, time=60)  # 60 min: a signal before 48 min is a preemption
+
+
+@pytest.fixture(autouse=True)
+def one_thread_jobs(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job processes inherit it: 2 shared cores
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def epochs_logged(cell_dir: Path) -> list[int]:
+    path = cell_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["epoch"] for line in lines if line.strip().endswith("}")]
+
+
+def test_two_cells_on_digits_run_as_jobs_to_completion(tmp_path):
+    spec = load_sweep(families=["resnet", "pnnh"], depths=[8], seeds=1, train={**TINY, "epochs": 2})
+    options = dataclasses.replace(OPTIONS, cells_per_job=2)
+    jobs = submit_sweep(spec, tmp_path, options, cluster="local", command="pnnh sweep (test)")
+    assert len(jobs) == 1  # both cells in one job (one job per cell by default)
+    records = [r for job in jobs for r in job.result()]
+    assert sorted(r["id"] for r in records) == ["pnnh-d8-s0", "resnet-d8-s0"]
+    assert all(r["status"] == "ok" and r["epochs"] == 2 for r in records)
+    assert {c["id"] for c in read_cells(tmp_path)} == {"pnnh-d8-s0", "resnet-d8-s0"}
+    states = job_states(tmp_path)
+    assert {s["state"] for s in states.values()} == {"finished"} and all(s["starts"] == 1 for s in states.values())
+    report = write_report(tmp_path).read_text()
+    assert "| resnet | 8 |" in report and "| pnnh | 8 |" in report and "Part-way" not in report
+    assert submit_sweep(spec, tmp_path, OPTIONS, cluster="local") == []  # nothing left to submit
+
+
+def job_log(out: Path) -> str:
+    """Everything the jobs wrote (submitit's own log lines too)."""
+    return "".join(p.read_text() for p in sorted((out / ".jobs" / "logs").glob("*_log.*")))
+
+
+def test_preempted_job_is_requeued_and_a_killed_one_resubmitted_both_resume(tmp_path, monkeypatch):
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text("sweep: {variants: {short: {family: resnet, train: {epochs: 2}}, long: {family: resnet}}, "
+                      "depths: [8], seeds: 1}\n")
+    spec = load_sweep(recipe, train={**TINY, "epochs": 12})
+    out = tmp_path / "sweep"
+    cell, hang = out / "cells" / "long-d8-s0", "PNNH_FAULT: rank 0 hangs before step 25"
+    # One job, two cells: the short one (20 steps) finishes; the long one stalls in epoch 3 (10
+    # steps per epoch), after last.pt of epoch 2, until a signal comes.
+    monkeypatch.setenv("PNNH_FAULT", "hang:0:25")
+    [job] = submit_sweep(spec, out, dataclasses.replace(OPTIONS, cells_per_job=2), cluster="local")
+    wait_for(lambda: job_log(out).count(hang) == 1, 120, "the job to reach step 25")
+    # the report reads the directory while the job runs: one cell recorded, the other held by its job
+    report = write_report(out).read_text()
+    assert "Part-way: 1 of 2 cells recorded.** Training now: long-d8-s0" in report
+    assert "long-d8-s0: running on" in report and f"job {job.job_id}" in report
+    assert epochs_logged(cell) == [1, 2]
+    os.kill(job_states(out)["long-d8-s0"]["pid"], signal.SIGUSR2)  # preemption, as Slurm signals it
+    # submitit calls CellJob.checkpoint, requeues; the new start resumes from epoch 2 and stalls again
+    wait_for(lambda: job_log(out).count(hang) == 2, 120, "the requeued job to reach step 25")
+    log = job_log(out)
+    assert "this job is preempted" in log and "Calling checkpoint method" in log and "Requeued job" in log
+    assert job_states(out)["long-d8-s0"]["starts"] == 2 and epochs_logged(cell) == [1, 2]
+    os.kill(job_states(out)["long-d8-s0"]["pid"], signal.SIGKILL)  # no checkpoint, no requeue
+    wait_for(lambda: job.done(force_check=True), 60, "the killed job to end")  # not requeued
+    assert [c["id"] for c in read_cells(out)] == ["short-d8-s0"]
+    monkeypatch.delenv("PNNH_FAULT")
+    [again] = submit_sweep(spec, out, OPTIONS, cluster="local")  # the same sweep, submitted again
+    [record] = again.result()
+    assert record["status"] == "ok" and record["epochs"] == 12
+    assert epochs_logged(cell) == list(range(1, 13))  # every epoch once: resumed, not restarted
+    assert job_states(out)["long-d8-s0"]["starts"] == 3
+
+
+def test_cluster_options_and_bad_values(tmp_path):
+    opts = cluster_options({"partition": "gpu", "time": 60, "array_size": 4}, {"gpus": 2, "time": None})
+    assert (opts.partition, opts.time, opts.array_size, opts.gpus) == ("gpu", 60, 4, 2)
+    with pytest.raises(ConfigError, match="unknown cluster keys \\['partion'\\]"):
+        cluster_options({"partion": "gpu"})
+    with pytest.raises(ConfigError, match="cluster option time must be an integer >= 1, got 0"):
+        ClusterOptions(time=0)
+    spec = load_sweep(families=["resnet"], depths=[8], seeds=1, train={**TINY, "epochs": 1})
+    with pytest.raises(ConfigError, match="cannot submit to slurm: .*srun"):
+        submit_sweep(spec, tmp_path, OPTIONS, cluster="slurm")
