@@ -17,7 +17,8 @@ as ``NAME`` with ``depth=``), built from the same stage layout as :mod:`pnnh.mod
   (the paper: 1/10 of the base rate).
 - ``dirac``: plain conv-BN-ReLU chain whose convolutions are diag(a) I + diag(b) W/|W|
   (Zagoruyko & Komodakis, "DiracNets: Training Very Deep Neural Networks Without
-  Skip-Connections", 2017). No shortcut: the identity lives inside the weight.
+  Skip-Connections", 2017). No shortcut: the identity lives inside the weight. ``ncrelu=True``
+  (registered as ``dirac_ncrelu{D}``) is the paper's form: NCReLU -> Dirac conv -> BN.
 - ``tat_plain``: plain chain of convolutions and tailored leaky ReLUs, no normalization,
   delta-orthogonal init (Zhang, Botev, Martens, "Deep Learning without Shortcuts: Shaping the
   Kernel with Tailored Rectifiers", ICLR 2022); the maths is in :mod:`pnnh.models.tat`.
@@ -195,13 +196,17 @@ class DiracConv2d(nn.Module):
     it is still ONE convolution, with no addition on the data.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, beta_init: float = 0.1):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, beta_init: float = 0.1,
+                 ncrelu_input: bool = False):
         super().__init__()
         self.stride, self.padding = stride, kernel // 2
         self.weight = nn.Parameter(he_normal_(torch.empty(out_ch, in_ch, kernel, kernel)))
         self.alpha = nn.Parameter(torch.ones(out_ch))
         self.beta = nn.Parameter(torch.full((out_ch,), float(beta_init)))
-        self.register_buffer("dirac", nn.init.dirac_(torch.empty(out_ch, in_ch, kernel, kernel)), persistent=False)
+        # Reading [relu(x), -relu(-x)] (NCReLU), I is [I | I], which sums the halves back to x.
+        halves = 2 if ncrelu_input else 1
+        eye = nn.init.dirac_(torch.empty(out_ch, in_ch // halves, kernel, kernel)).repeat(1, halves, 1, 1)
+        self.register_buffer("dirac", eye, persistent=False)
 
     def combined_weight(self) -> torch.Tensor:
         """The convolution's actual kernel, diag(alpha) I + diag(beta) W / |W|."""
@@ -222,11 +227,30 @@ class DiracConv2d(nn.Module):
         return conv
 
 
+class NCReLU(nn.Module):
+    """[relu(x), -relu(-x)] on the channel axis (DiracNets' negative-concatenated ReLU): no
+    information is lost, and a [I | I] kernel reads x back."""
+
+    def forward(self, x):
+        return torch.cat([F.relu(x), -F.relu(-x)], dim=1)
+
+
 def dirac(depth: int = 56, num_classes: int = 10, in_chans: int = 3, width: int = 16, img_size: int = 32,
-          beta_init: float = 0.1) -> ConvNet:
-    """DiracNet-style plain net (Zagoruyko & Komodakis 2017): Dirac conv -> BN -> ReLU chain."""
-    layers = [nn.Sequential(DiracConv2d(i, o, k, s, beta_init), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
-              for blocks in cifar_stages(depth, width) for convs in blocks for i, o, k, s in convs]
+          beta_init: float = 0.1, ncrelu: bool = False) -> ConvNet:
+    """DiracNet-style plain net (Zagoruyko & Komodakis 2017): Dirac conv -> BN -> ReLU chain.
+
+    ``ncrelu=True`` is the form the paper trains: each layer is NCReLU -> Dirac conv -> BN, so
+    the Dirac part of the kernel passes x itself, not relu(x) (the identity path skips the
+    nonlinearity); the convolutions read 2x the channels, so they hold 2x the weights. A ReLU
+    precedes the pooled head, as in the paper's net.
+    """
+    if ncrelu:
+        layers = [nn.Sequential(NCReLU(), DiracConv2d(2 * i, o, k, s, beta_init, ncrelu_input=True), nn.BatchNorm2d(o))
+                  for blocks in cifar_stages(depth, width) for convs in blocks for i, o, k, s in convs]
+        layers.append(nn.ReLU())
+    else:
+        layers = [nn.Sequential(DiracConv2d(i, o, k, s, beta_init), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+                  for blocks in cifar_stages(depth, width) for convs in blocks for i, o, k, s in convs]
     return ConvNet(ConvBNAct(in_chans, width), layers, 4 * width, num_classes, in_chans, img_size)
 
 
@@ -362,3 +386,6 @@ for _name, _fn in CIFAR_BASELINES.items():
     for _depth in CIFAR_DEPTHS:
         register_model(f"{_name}{_depth}", _fn, depth=_depth)
 register_model("hourglass_mlp", hourglass_mlp)
+register_model("dirac_ncrelu", lambda **kw: dirac(ncrelu=True, **kw))
+for _depth in CIFAR_DEPTHS:
+    register_model(f"dirac_ncrelu{_depth}", lambda **kw: dirac(ncrelu=True, **kw), depth=_depth)
