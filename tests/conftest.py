@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from datafiles import FASHION, FASHION_FILES
-from pnnh.data import load_dataset
+# No test reaches the Hugging Face Hub: huggingface_hub reads this once, when pnnh imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from datafiles import FASHION, FASHION_FILES  # noqa: E402
+from pnnh.data import load_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_cli_writes_model_and_report(run_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "verified on 32 test images" in text and "resnet8 (fresh, eager)" in text
     report = json.loads((tmp_path / "exported" / "m.pt.report.json").read_text())
-    assert report["model"] == "pnnh8" and report["checkpoint"].endswith("best.pt") and report["max_abs_diff"] < 1e-4
+    assert report["model"] == "pnnh8" and report["checkpoint"].endswith("model.safetensors") and report["max_abs_diff"] < 1e-4
     assert (tmp_path / "exported" / "m.pt.report.png").read_bytes()[:4] == b"\x89PNG"
 
 

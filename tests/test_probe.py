@@ -453,7 +453,7 @@ def test_cli_loads_a_trained_checkpoint(tmp_path, digits):
     payload = json.loads((out / "probe.json").read_text())
     assert payload["data"]["name"] == "digits"  # taken from the run's config.yaml
     trained = payload["models"]["plain8"]
-    assert trained["checkpoint"] == str(run / "last.pt")
+    assert trained["checkpoint"] == str(run / "model.safetensors")  # pnnh.load's rule: the best epoch
     assert main(["probe", "--models", "plain8", "--data", "digits", "--width", "4", "--out",
                  str(tmp_path / "init"), "--batch-size", "64"]) == 0
     init = json.loads((tmp_path / "init" / "probe.json").read_text())["models"]["plain8"]

@@ -102,7 +102,7 @@ def test_training_with_a_guide_from_a_trained_run(tmp_path):
 
 
 @pytest.mark.parametrize("guide, match", [(":runs/x", "MODEL or MODEL:CHECKPOINT"), ("resnet8:/no/such/run", "does not exist"),
-                                          ("nosuchnet", "cannot build guide model"), ("resnet20:{run}", "does not fit")])
+                                          ("nosuchnet", "cannot build guide model"), ("resnet20:{run}", "holds a 'resnet8' model, not 'resnet20'")])
 def test_bad_guides_are_clear_config_errors(tmp_path, guide, match):
     run = tmp_path / "r8"
     if "{run}" in guide:

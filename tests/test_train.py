@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from pnnh.cli import main as cli_main
@@ -63,8 +64,8 @@ def test_learns_digits(small_run):
 
 def test_run_files(small_run):
     result, out = small_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl",
-                                                     "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "config.yaml", "last.pt",
+                                                     "metrics.jsonl", "model.safetensors", "result.json"]
     saved = load_config(out / "config.yaml")  # the resolved config is itself a valid config
     assert (saved.optimizer, saved.lr, saved.schedule, saved.nesterov) == ("sgd", 0.05, "cosine", True)
     assert saved.channels_last is True and saved.crop_pad == 0 and saved.out == str(out)
@@ -78,6 +79,8 @@ def test_run_files(small_run):
     assert {"model", "optimizer", "scheduler", "state", "rng", "config"} <= last.keys()
     assert set(last["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert last["state"]["epoch"] == 4 and last["config"] == saved.to_dict()
+    weights = load_file(str(out / "model.safetensors"))  # the best epoch's model, beside best.pt
+    assert weights and all(torch.equal(t, best["model"][k]) for k, t in weights.items())
     best_epoch = max(lines, key=lambda r: r["val_acc"])["epoch"]  # val split present: select on val
     assert best["state"]["epoch"] == best_epoch == result.best_epoch
     assert result.best_acc == lines[best_epoch - 1]["val_acc"]

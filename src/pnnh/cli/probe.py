@@ -16,7 +16,8 @@ from pnnh.probe.core import CROSSING_MARGIN, crossing_layer, probe_model
 from pnnh.probe.dists import DISTS
 from pnnh.probe.hooks import BN_STATS
 from pnnh.probe.plots import plot_probe
-from pnnh.train.checkpoint import load_checkpoint
+from pnnh.train.checkpoint import CheckpointError
+from pnnh.train.load import load, weights_file
 from pnnh.train.config import ConfigError, resolve_device
 
 DEFAULT_DATA = "fashion-mnist"
@@ -42,9 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the dataset lives (see pnnh.data)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR",
-                   help="trained run directory (config.yaml + last.pt) or a .pt file in one; a "
-                        "comma list gives one per model in --models order. Default: models at "
-                        "initialisation")
+                   help="trained run directory or a .pt file in one, loaded by pnnh.load (the best "
+                        "epoch's weights); a comma list gives one per model in --models order. "
+                        "Default: models at initialisation")
     p.add_argument("--batch-size", type=int, default=256, metavar="N",
                    help="test images probed (a seeded class-balanced subset; default 256)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
@@ -175,10 +176,11 @@ def _run_configs(spec: str, names: list[str]) -> list[tuple[Path, dict]]:
                          "give one run directory per model in --models order")
     runs = []
     for path, name in zip(paths, names):
-        ckpt = path / "last.pt" if path.is_dir() else path
+        try:
+            ckpt = weights_file(path)
+        except CheckpointError as err:
+            raise ProbeError(str(err)) from None
         run_dir = ckpt.parent
-        if not ckpt.is_file():
-            raise ProbeError(f"checkpoint {str(ckpt)!r} does not exist (a run directory holds last.pt)")
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise ProbeError(f"{str(config_path)!r} does not exist: the checkpoint's run config is needed")
@@ -202,18 +204,10 @@ def _build(name: str, splits, args: argparse.Namespace, run: tuple[Path, dict] |
     torch.manual_seed(args.seed)
     if run is None:
         return create_model(name, **shape, **({} if args.width is None else {"width": args.width}))
-    ckpt_path, config = run
-    kwargs = config.get("model_kwargs") or {}
     try:
-        model = create_model(name, **shape, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ProbeError(f"cannot build {name!r} with model_kwargs {kwargs} from {ckpt_path.parent}: {err}") from err
-    try:
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-    except Exception as err:
-        raise ProbeError(f"cannot load model weights from {ckpt_path}: {type(err).__name__}: {err}") from err
-    return model
+        return load(run[0])
+    except CheckpointError as err:
+        raise ProbeError(str(err)) from None
 
 
 def _device(spec: str) -> torch.device:

@@ -2,8 +2,8 @@
 
     report = export_run("runs/pnnh56-fashion-mnist", "pnnh56.onnx", fmt="onnx")
 
-1. Load the run: ``config.yaml`` and ``best.pt`` (``last.pt`` when there is no best), the
-   model rebuilt on the run's dataset exactly as the trainer built it.
+1. Load the run's model with ``pnnh.load`` (the best epoch's weights unless ``checkpoint="last"``)
+   and, for the verification below, the run's dataset as ``config.yaml`` describes it.
 2. ``pnnh.fold`` it: BatchNorm folded into the convolutions and, for PNNH, the shared
    coder into each layer's weight, so a PNNH net becomes a straight chain of conv + activation.
 3. Export to a temporary file beside ``out``: TorchScript (``torch.jit.trace``; TorchScript is
@@ -86,13 +86,14 @@ class ExportReport:
 def load_run(run_dir: str | Path, checkpoint: str = "auto", data_dir: str | None = None) -> LoadedRun:
     """Rebuild the model of ``run_dir`` with its trained weights.
 
-    ``checkpoint``: ``best``, ``last`` or ``auto`` (best.pt if present, else last.pt).
-    ``data_dir`` overrides where the run's dataset is read from.
+    ``checkpoint``: ``best`` (or ``auto``) or ``last``, read as ``pnnh.load``'s ``which``: the
+    best epoch's weights, or the latest epoch's. ``data_dir`` overrides where the run's dataset
+    is read from (for the verification images only; the model never needs it).
     """
     from pnnh.data import load_dataset
-    from pnnh.models import create_model
     from pnnh.train import load_config
-    from pnnh.train.checkpoint import load_checkpoint, run_checkpoint
+    from pnnh.train.checkpoint import CheckpointError
+    from pnnh.train.load import load, weights_file
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -100,10 +101,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "auto", data_dir: str | None
                           "(a run directory is the --out of `pnnh train`)")
     if checkpoint not in ("auto", "best", "last"):
         raise ExportError(f"checkpoint={checkpoint!r} is not valid; choose auto, best or last")
-    names = ("best.pt", "last.pt") if checkpoint == "auto" else (f"{checkpoint}.pt",)
-    path = run_checkpoint(run_dir, names)
-    if path is None:
-        raise ExportError(f"{run_dir} has no {' or '.join(names)}: the run saved no checkpoint yet")
+    which = "last" if checkpoint == "last" else "best"
+    try:
+        path = weights_file(run_dir, which)
+        model = load(run_dir, which)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     cfg = load_config(run_dir / "config.yaml")
     try:
         splits = load_dataset(cfg.data, data_dir=data_dir or cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed,
@@ -111,10 +114,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "auto", data_dir: str | None
     except (ValueError, OSError) as err:
         raise ExportError(f"cannot load the run's dataset {cfg.data!r} for verification: {err} "
                           "(pass --data-dir if its files moved)") from err
-    model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.in_chans,
-                         img_size=splits.img_size, **cfg.model_kwargs)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return LoadedRun(model.float().eval(), cfg, path, splits)
+    return LoadedRun(model, cfg, path, splits)
 
 
 def check_batch(splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:

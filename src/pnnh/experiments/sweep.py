@@ -26,7 +26,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 try:
     import fcntl
@@ -38,7 +38,6 @@ import yaml
 from tqdm.auto import tqdm
 
 from pnnh.io import atomic_write_text, check_creatable_dir, versions
-from pnnh.train.checkpoint import load_checkpoint
 from pnnh.train.config import ConfigError, TrainConfig, load_config
 
 PROBE_IMAGES = 256
@@ -135,8 +134,7 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_failed: bool = False,
-              progress: bool = True, shard: tuple[int, int] = (0, 1), only: Collection[str] | None = None,
-              ) -> list[dict]:
+              progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring).
 
     Cells train one seed at a time (every cell of the first seed before any of the second, so a
@@ -144,14 +142,19 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of that order, so n processes can share
     one sweep directory and each gets a fair mix of cheap and costly cells, the costly ones first;
     the records returned are this shard's. A cell being trained by another process on ``out``
-    (a lock per cell, :func:`_claim`) is skipped, so running the same command twice is safe.
-    ``only``: train just these cell ids (a cluster job's cells, see ``pnnh.experiments.launch``)."""
+    (a lock per cell, :func:`_claim`) is skipped, so running the same command twice is safe."""
     out = Path(out)
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
-    configs = prepare_sweep(spec, out, command)
-    cells = [c for c in _training_order(spec)[index::count] if only is None or c.id in only]
+    configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
+    cells = _training_order(spec)[index::count]
+    try:
+        check_creatable_dir(out)
+    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
+        raise ConfigError(f"--out {out}: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, spec, command)
     records = []
     todo = []
     for cell in cells:
@@ -180,27 +183,6 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     finally:
         bar.close()
     return records
-
-
-def prepare_sweep(spec: SweepSpec, out: Path, command: str) -> dict[str, TrainConfig]:
-    """Validate every cell's config, create ``out`` and claim it with ``sweep.yaml`` (or check that
-    it holds this sweep); return the configs by cell id. Nothing is trained or submitted before."""
-    configs = {c.id: c.config(out) for c in spec.cells()}
-    try:
-        check_creatable_dir(out)
-    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
-        raise ConfigError(f"--out {out}: {err}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, spec, command)
-    return configs
-
-
-def pending_cells(spec: SweepSpec, out: Path, retry_failed: bool = False) -> list[str]:
-    """Ids of the cells still to train, in training order: no record (or a failed one, with
-    ``retry_failed``) and not being trained by another process now."""
-    return [c.id for c in _training_order(spec)
-            if ((record := read_cell(out / "cells" / c.id)) is None or (retry_failed and record["status"] == "failed"))
-            and not _held_elsewhere(out / ".locks" / c.id)]
 
 
 def _training_order(spec: SweepSpec) -> list[Cell]:
@@ -309,10 +291,12 @@ def read_cells(out: str | Path) -> list[dict]:
 
 
 def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
-    """Similarity to the input per layer, at init (same seed) and after training (last.pt)."""
+    """Similarity to the input per layer, at init (same seed) and after training (``pnnh.load``:
+    the best epoch's weights)."""
     from pnnh.data import TensorLoader, load_dataset
     from pnnh.models import create_model
     from pnnh.probe import probe_model
+    from pnnh.train.load import load
 
     run = Path(cfg.out)
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -325,10 +309,9 @@ def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
     stages = ("init", "end") if (run / "last.pt").exists() else ("init",)  # none if epoch 1 diverged
     for stage in stages:
         torch.manual_seed(cell.seed)
-        model = create_model(saved["model"], num_classes=splits.num_classes, in_chans=splits.in_chans,
-                             img_size=splits.img_size, **saved["model_kwargs"])
-        if stage == "end":
-            model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+        model = load(run) if stage == "end" else create_model(
+            saved["model"], num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=splits.img_size,
+            **saved["model_kwargs"])
         result = probe_model(model, x, y, grad=False)
         curves[stage] = {k: result[k] for k in ("layers", "cka", "cka_noise", "survival")}
     return curves

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable
+import os
+from typing import Callable, Sequence
 
 import torch.nn as nn
+
+from pnnh.models.features import FeatureExtractor
+from pnnh.models.pretrained import load_pretrained, model_config
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FIXED: dict[str, dict] = {}  # keyword arguments a registered name pins (e.g. depth for pnnh56)
@@ -30,11 +34,32 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(names, key=_natural_key)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, features_only: bool = False,
+                 out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
     """Build the model registered as ``name``; ``kwargs`` go to its constructor.
+
+    timm's options: ``pretrained=FOLDER`` loads the weights saved in FOLDER (a ``pnnh train``
+    run directory or a ``save_pretrained`` folder, see :mod:`pnnh.models.pretrained`), with a
+    new head when ``num_classes`` differs and an adapted input layer when ``in_chans`` does;
+    ``features_only=True`` returns the per-stage feature maps instead (``out_indices`` picks
+    stages, see :mod:`pnnh.models.features`). Every model gets ``model_name`` and
+    ``pretrained_cfg`` (the config saved with its weights).
 
     Raises :class:`UnknownModelError` listing the closest names when ``name`` is unknown.
     """
+    if pretrained is True:
+        raise ValueError("pretrained=True: pnnh ships no weights; pass the folder of a trained model "
+                         "(a pnnh train run directory or a save_pretrained folder)")
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices picks the stages of features_only=True; pass both or neither")
+    if pretrained not in (None, False):
+        model = load_pretrained(_build, name, pretrained, kwargs)
+    else:
+        model = _build(name, kwargs)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _build(name: str, kwargs: dict) -> nn.Module:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
@@ -54,6 +79,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
             raise ValueError(f"{key}={value!r} is not valid for {name!r}: it must be an integer >= 1")
     model = _MODELS[name](**{**kwargs, **_FIXED[name]})
     model.model_name = name
+    model.pretrained_cfg = model_config(name, kwargs, model)
     return model
 
 

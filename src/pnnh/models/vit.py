@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pnnh.models.base import Classifier
 from pnnh.models.layers import CoderSpec, PNNHLinear, make_coder
 from pnnh.models.registry import register_model
 
@@ -53,7 +54,7 @@ class SubLayer(nn.Module):
         return h + y if self.mode == "residual" else y
 
 
-class ViT(nn.Module):
+class ViT(Classifier):
     """Patch embedding, ``depth`` blocks of (attention, MLP) sub-layers, LayerNorm, mean-pool, head.
 
     ``width`` is the embedding dimension (ViT-Tiny: 192, 3 heads, 12 blocks, the defaults).
@@ -85,6 +86,7 @@ class ViT(nn.Module):
             coders = (make(), make()) if spec.sharing == "stage" else None
         if kwargs:
             raise TypeError(f"unexpected keyword arguments for a ViT: {sorted(kwargs)}")
+        self.in_chans, self.img_size, self.num_features = in_chans, img_size, dim
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, dim))
 
@@ -108,9 +110,21 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
+    def forward_features(self, x):
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        return self.head(self.norm(self.blocks(h)).mean(dim=1))
+        return self.norm(self.blocks(h))
+
+    def pool_features(self, features):
+        return features.mean(dim=1)
+
+    def feature_points(self) -> list[tuple[str, nn.Module]]:
+        """The end of every block (its MLP sub-layer): the token grids, as timm's ViTs give them."""
+        return [(f"blocks.{n}", m) for n, m in enumerate(self.blocks) if n % 2]
+
+    def feature_map(self, output):
+        """(B, tokens, dim) -> (B, dim, H / patch, W / patch)."""
+        side = self.img_size // self.patch_embed.stride[0]
+        return output.transpose(1, 2).unflatten(2, (side, side))
 
     def feature_layers(self) -> list[tuple[str, nn.Module]]:
         return [("patch_embed", self.patch_embed)] + [(f"blocks.{n}", m) for n, m in enumerate(self.blocks)]

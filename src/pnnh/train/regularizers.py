@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -67,35 +66,27 @@ def differentiable_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> 
 def build_guide(spec: str, *, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
     """The frozen guide network of ``spec`` (``MODEL[:CHECKPOINT]``); untrained without a checkpoint.
 
-    CHECKPOINT is a ``pnnh train`` run directory (its best.pt, else last.pt; the model keywords
-    come from its config.yaml) or a checkpoint file written by ``pnnh train``.
+    CHECKPOINT is what ``pnnh.load`` reads (a ``pnnh train`` run directory: its best epoch's
+    weights; or a checkpoint file of one). A trained guide keeps its own head (only its layers
+    are compared) but must take this run's images: same channels and size.
     """
     from pnnh.models import create_model
-    from pnnh.train.checkpoint import load_checkpoint, run_checkpoint
+    from pnnh.train.load import load
 
     name, ckpt = parse_guide(spec)
-    kwargs: dict = {}
-    state = None
-    if ckpt is not None:
-        path = Path(ckpt)
-        if path.is_dir():
-            path = run_checkpoint(path)
-            if path is None:
-                raise ConfigError(f"guide checkpoint directory {ckpt} has no best.pt or last.pt")
-        elif not path.is_file():
-            raise ConfigError(f"guide checkpoint {ckpt} does not exist (give a run directory or a .pt file)")
-        saved = load_checkpoint(path)
-        state = saved["model"]
-        kwargs = dict((saved.get("config") or {}).get("model_kwargs") or {})
-    try:
-        guide = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"cannot build guide model {name!r}: {err}") from err
-    if state is not None:
+    if ckpt is None:
         try:
-            guide.load_state_dict(state)
-        except RuntimeError as err:
-            raise ConfigError(f"guide checkpoint {ckpt} does not fit model {name!r}: {err}") from err
+            guide = create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"cannot build guide model {name!r}: {err}") from err
+    else:
+        guide = load(ckpt)  # a CheckpointError is a ConfigError, naming the path
+        saved = guide.pretrained_cfg
+        if saved["model"] != name:
+            raise ConfigError(f"guide checkpoint {ckpt} holds a {saved['model']!r} model, not {name!r}")
+        if (saved["in_chans"], saved["img_size"]) != (in_chans, img_size):
+            raise ConfigError(f"guide checkpoint {ckpt} was trained on {saved['in_chans']}-channel "
+                              f"{saved['img_size']} px images; this run's are {in_chans}-channel {img_size} px")
     guide.requires_grad_(False)
     return guide
 

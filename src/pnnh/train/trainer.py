@@ -9,6 +9,9 @@ A run directory holds:
                      states, progress, metrics history, config)
 - ``best.pt``        the same for the best epoch, chosen by ``val_acc`` when the run has a
                      validation split, else by ``test_acc``
+- ``model.safetensors`` + ``config.json``  the best epoch's model alone, self-described
+                     (``pnnh.load(run_dir)``, ``create_model(name, pretrained=run_dir)``;
+                     see ``pnnh.models.pretrained``)
 - ``result.json``    the ``TrainResult`` of the latest invocation (status "ok"/"diverged")
 
 Every file is replaced atomically, and the metrics log is rebuilt from ``last.pt`` on
@@ -41,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, check_creatable_dir, remove_stale_temp_files
+from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_files
 from pnnh.train.callbacks import CallbackList
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
@@ -55,7 +59,8 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "co
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                   if f.default is not dataclasses.MISSING}
 PROBE_BATCH = 256  # test images in the fixed probe batch
-RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json"})
+RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "result.json", CONFIG_NAME,
+                       WEIGHTS_NAME})
 
 
 @dataclass
@@ -229,6 +234,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
                              img_size=splits.img_size, **cfg.model_kwargs)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
+    model.pretrained_cfg.update(mean=list(splits.mean), std=list(splits.std))  # saved with its weights
     cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True))
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
@@ -336,6 +342,7 @@ def _end_epoch(run: _Run, epoch: int, stats: dict[str, float]) -> dict[str, Any]
         snapshot = _checkpoint(run.model, run.optimizer, run.scheduler, state, cfg)
         if improved:  # best.pt before last.pt: a kill in between re-runs this epoch identically
             save_checkpoint(run.out / "best.pt", snapshot)
+            save_pretrained_files(run.model, run.out)
         save_checkpoint(run.out / "last.pt", snapshot)
     ddp.barrier()  # no rank runs ahead of the saved checkpoint
     return record
