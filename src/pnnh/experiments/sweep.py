@@ -26,7 +26,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 try:
     import fcntl
@@ -134,7 +134,8 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_failed: bool = False,
-              progress: bool = True, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+              progress: bool = True, shard: tuple[int, int] = (0, 1), only: Collection[str] | None = None,
+              ) -> list[dict]:
     """Train every cell of ``spec`` under ``out``; return the cell records (see module docstring).
 
     Cells train one seed at a time (every cell of the first seed before any of the second, so a
@@ -142,19 +143,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     ``shard=(i, n)`` trains only cells i, i+n, i+2n, ... of that order, so n processes can share
     one sweep directory and each gets a fair mix of cheap and costly cells, the costly ones first;
     the records returned are this shard's. A cell being trained by another process on ``out``
-    (a lock per cell, :func:`_claim`) is skipped, so running the same command twice is safe."""
+    (a lock per cell, :func:`_claim`) is skipped, so running the same command twice is safe.
+    ``only``: train just these cell ids (a cluster job's cells, see ``pnnh.experiments.launch``)."""
     out = Path(out)
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ConfigError(f"shard={shard!r} is not valid: need (i, n) with 0 <= i < n")
-    configs = {c.id: c.config(out) for c in spec.cells()}  # every config validated before any training
-    cells = _training_order(spec)[index::count]
-    try:
-        check_creatable_dir(out)
-    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
-        raise ConfigError(f"--out {out}: {err}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, spec, command)
+    configs = prepare_sweep(spec, out, command)
+    cells = [c for c in _training_order(spec)[index::count] if only is None or c.id in only]
     records = []
     todo = []
     for cell in cells:
@@ -183,6 +179,27 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_fail
     finally:
         bar.close()
     return records
+
+
+def prepare_sweep(spec: SweepSpec, out: Path, command: str) -> dict[str, TrainConfig]:
+    """Validate every cell's config, create ``out`` and claim it with ``sweep.yaml`` (or check that
+    it holds this sweep); return the configs by cell id. Nothing is trained or submitted before."""
+    configs = {c.id: c.config(out) for c in spec.cells()}
+    try:
+        check_creatable_dir(out)
+    except OSError as err:  # /proc, a read-only disk, a path under a file: one line, nothing made
+        raise ConfigError(f"--out {out}: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, spec, command)
+    return configs
+
+
+def pending_cells(spec: SweepSpec, out: Path, retry_failed: bool = False) -> list[str]:
+    """Ids of the cells still to train, in training order: no record (or a failed one, with
+    ``retry_failed``) and not being trained by another process now."""
+    return [c.id for c in _training_order(spec)
+            if ((record := read_cell(out / "cells" / c.id)) is None or (retry_failed and record["status"] == "failed"))
+            and not _held_elsewhere(out / ".locks" / c.id)]
 
 
 def _training_order(spec: SweepSpec) -> list[Cell]:
