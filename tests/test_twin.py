@@ -27,7 +27,7 @@ def twins(depth: int, **kwargs) -> tuple[nn.Module, nn.Module]:
             with torch.no_grad():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
-    twin = pnnh.create_model("pnnh_twin", depth=depth, num_classes=10, in_chans=1, **kwargs).double()
+    twin = pnnh.create_model("residual_twin", depth=depth, num_classes=10, in_chans=1, **kwargs).double()
     load_pnnh_weights(twin, net)
     return net, twin
 
@@ -54,12 +54,12 @@ def test_twin_matches_pnnh_outputs_and_gradients(digits, depth, kwargs):
 
 def test_twin_refuses_a_coder_that_is_not_its_projection():
     net = pnnh.create_model("pnnh20", num_classes=10, in_chans=1)
-    twin = pnnh.create_model("pnnh_twin20", num_classes=10, in_chans=1)
+    twin = pnnh.create_model("residual_twin20", num_classes=10, in_chans=1)
     with torch.no_grad():
         net.body[3].coder.weight.add_(0.01)  # a coder that moved: no longer [I | D]
     with pytest.raises(ValueError, match=r"body\.\d+\.coder\.weight is not"):
         load_pnnh_weights(twin, net)
     with pytest.raises(ValueError, match="coder_norm='none'"):
-        pnnh.create_model("pnnh_twin20", coder_norm="bn")
+        pnnh.create_model("residual_twin20", coder_norm="bn")
     with pytest.raises(ValueError, match="coder_init in"):
-        pnnh.create_model("pnnh_twin20", coder_init="kaiming")
+        pnnh.create_model("residual_twin20", coder_init="kaiming")

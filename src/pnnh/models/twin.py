@@ -93,10 +93,10 @@ def twin_cifar_net(depth: int, num_classes: int = 10, in_chans: int = 3, width: 
     unnormalised code, frozen coder: the designs in which the code is a stream)."""
     spec = CoderSpec.from_kwargs(kwargs)
     if kwargs:
-        raise TypeError(f"unexpected keyword arguments for pnnh_twin: {sorted(kwargs)}")
+        raise TypeError(f"unexpected keyword arguments for residual_twin: {sorted(kwargs)}")
     design = (spec.init, spec.form, spec.fusion, spec.norm, spec.trainable)
     if design[0] not in STREAM_INITS or design[1:] != ("partial", "concat", "none", False):
-        raise ValueError(f"pnnh_twin needs coder_init in {STREAM_INITS}, coder_form='partial', coder_fusion='concat', "
+        raise ValueError(f"residual_twin needs coder_init in {STREAM_INITS}, coder_form='partial', coder_fusion='concat', "
                          f"coder_norm='none' and a frozen coder; got init, form, fusion, norm, trainable = {design}")
     layers = []
     for blocks in cifar_stages(depth, width):
@@ -129,9 +129,9 @@ def load_pnnh_weights(twin: ResidualTwinNet, pnnh_net: nn.Module) -> None:
 
 
 def _register():
-    register_model("pnnh_twin", lambda depth=56, **kw: twin_cifar_net(depth, **kw))
+    register_model("residual_twin", lambda depth=56, **kw: twin_cifar_net(depth, **kw))
     for depth in CIFAR_DEPTHS:
-        register_model(f"pnnh_twin{depth}", lambda **kw: twin_cifar_net(**kw), depth=depth)
+        register_model(f"residual_twin{depth}", lambda **kw: twin_cifar_net(**kw), depth=depth)
 
 
 _register()
