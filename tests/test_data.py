@@ -8,9 +8,7 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from pnnh.cli import data as data_cli
 from pnnh.data import datasets as datasets_module
 from pnnh.data.formats import read_idx, safe_extract_tar
 
-from datafiles import FASHION_FILES, tar_gz, write_cifar10, write_cifar100, write_idx
+from datafiles import FASHION_FILES, png_declaring, tar_gz, write_cifar10, write_cifar100, write_idx
 
 # --- Fashion-MNIST and IDX ---------------------------------------------------------
 
@@ -132,6 +130,7 @@ def test_explicit_data_dir_is_used_or_fails(fashion_dir, tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
     assert f"looked in {tmp_path / 'empty' / 'fashion-mnist'}, {tmp_path / 'empty'};" in str(err.value)
+    assert f"put the files in {tmp_path / 'empty'}" in str(err.value) and "apt-get" not in str(err.value)
     assert "\n" not in str(err.value)
     assert load_dataset("fashion-mnist", test_subset=10).name == "fashion-mnist"  # no data_dir: the fallbacks
 
@@ -241,21 +240,12 @@ def test_tar_with_a_dot_member_extracts(tmp_path):
     assert load_dataset("cifar10", data_dir=tmp_path / "dest").train_x.shape == (30, 3, 32, 32)
 
 
-def _png_declaring(path, width: int, height: int) -> None:
-    """A PNG whose header declares width x height pixels (its data is a few bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("side", [10_000, 100_000])  # Pillow warns above 89.5 Mpx, raises above twice that
 def test_image_folder_refuses_a_decompression_bomb(tmp_path, side):
     for split in ("train", "val"):
         (tmp_path / split / "a").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / split / "a" / "ok.png")
-    _png_declaring(tmp_path / "train" / "a" / "bomb.png", side, side)
+    (tmp_path / "train" / "a" / "bomb.png").write_bytes(png_declaring(side, side))
     with pytest.raises(DatasetFormatError, match=r"bomb.png: refused, the image declares more pixels"):
         load_dataset("folder", data_dir=tmp_path)
 

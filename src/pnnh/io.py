@@ -125,10 +125,15 @@ def write_png(path: str | Path, fig: Any, dpi: int = 110, **savefig: Any) -> Non
 def append_json_line(path: str | Path, record: dict) -> None:
     """Append ``record`` as one JSON line and fsync; a torn last line from a kill is the
     reader's to repair (the trainer rewrites its log from the checkpoint on resume)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)  # a full disk's error names no file by itself
+        raise
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

@@ -106,11 +106,14 @@ def _candidates(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
     return dirs
 
 
-def _how_to_get(name: str) -> str:
+def _how_to_get(name: str, data_dir) -> str:
     ways = []
-    if name == "fashion-mnist":
-        ways.append("install Debian's package: `apt-get install dataset-fashion-mnist`")
-    ways.append(f"pass `--data-dir DIR` (data_dir=DIR) or set ${DATA_ENV}=DIR to a directory holding the files")
+    if data_dir:  # only that directory was searched
+        ways.append(f"put the files in {data_dir}, or leave out --data-dir to search the places pnnh knows")
+    else:
+        if name == "fashion-mnist":
+            ways.append("install Debian's package: `apt-get install dataset-fashion-mnist`")
+        ways.append(f"pass `--data-dir DIR` (data_dir=DIR) or set ${DATA_ENV}=DIR to a directory holding the files")
     if name in dl.SHA256:
         ways.append(f"pass `--download` (download=True) to fetch them from {dl.DEFAULT_BASE_URLS[name]} "
                     f"(or a mirror set in ${dl.BASE_URL_ENV})")
@@ -140,7 +143,7 @@ def _locate(name: str, data_dir, download: bool, describe: str,
         what = "is not a directory" if given.exists() else "does not exist"
         raise DatasetNotFoundError(f"dataset {name!r} not found: data_dir {given} {what}{fetch}")
     raise DatasetNotFoundError(f"dataset {name!r} not found: needs {describe}; looked in {places}; "
-                               f"to get it: {_how_to_get(name)}")
+                               f"to get it: {_how_to_get(name, data_dir)}")
 
 
 # --- readers -------------------------------------------------------------------------
