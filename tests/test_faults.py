@@ -115,7 +115,7 @@ READERS = {  # where a checkpoint is read -> the command, given the run director
     "export": lambda run, tmp: ["export", run, "--out", tmp / "model.pt", "--repeats", "1"],
     "probe": lambda run, tmp: ["probe", "--models", "pnnh8", "--checkpoint", run, "--out", tmp / "probe"],
     "guide": lambda run, tmp: ["train", *TINY, "--guide", f"pnnh8:{run}", "--out", tmp / "guided"],
-}
+}  # and pnnh.load, the Python call they share: test_pnnh_load_refuses_a_bad_checkpoint
 WHAT = {"malicious": "refused to unpickle it (Trying to load unsupported GLOBAL posix.system", "truncated": "is not a pnnh checkpoint",
         "foreign": "is not a pnnh checkpoint"}
 
@@ -147,6 +147,20 @@ def test_a_bad_checkpoint_is_refused_in_one_line(capsys, run, tmp_path, reader, 
         assert WHAT[kind] in line and (f"{run}/best.pt" in line or f"{run}/last.pt" in line), line
     assert not marker.exists()
     assert list(scratch.iterdir()) == []  # no output started
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["run", "legacy-run"])
+@pytest.mark.parametrize("kind", WHAT)
+def test_pnnh_load_refuses_a_bad_checkpoint(run, tmp_path, kind, legacy):
+    marker = tmp_path / "ran"
+    plant_everywhere(run, kind, marker, legacy)
+    for path, which in ((run, "best"), (run, "last"), (run / "last.pt", "best")):
+        with pytest.raises(CheckpointError) as err:
+            pnnh.load(path, which)
+        assert str(run) in str(err.value) and "\n" not in str(err.value)
+        if legacy or which == "last" or path.suffix == ".pt":
+            assert WHAT[kind] in str(err.value)
+    assert not marker.exists()
 
 
 def test_one_function_unpickles_torch_files():
