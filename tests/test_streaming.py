@@ -13,7 +13,7 @@ from PIL import Image
 
 from pnnh.data import DatasetFormatError, TensorLoader
 from pnnh.data.streaming import (StreamingLoader, eval_image, index_split, load_streaming, make_image_folder,
-                                 random_resized_crop_box, train_image, write_shards)
+                                 make_loader, random_resized_crop_box, stream_choice, train_image, write_shards)
 
 SIZE = 16
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)  # the crop is the whole image: pixels kept
@@ -208,3 +208,26 @@ def test_compressed_corrupt_and_mixed_layouts_are_named(tmp_path, splits):
     loader = StreamingLoader(index, 20, img_size=SIZE, mean=splits.mean, std=splits.std, train=False, workers=1)
     with pytest.raises(DatasetFormatError, match="000000.png.*cannot read image"):
         list(loader)
+
+
+def test_stream_choice_weighs_the_decoded_size_against_the_budget(folder, shards):
+    # 2,400 images x 3 x 16 x 16 bytes = 1.84 MB
+    assert stream_choice("auto", "folder", folder, 16, 0.01) == (
+        False, "held in memory: 2,400 images are 0.00184 GB at 16 px <= memory_budget_gb=0.01")
+    assert stream_choice("auto", "folder", folder, 64, 0.01)[0]  # 29.5 MB at 64 px
+    assert stream_choice(True, "folder", folder, 16, 8.0) == (True, "streamed from disk (stream: true)")
+    assert stream_choice("auto", "folder", shards, 16, 8.0) == (True, "streamed from disk (tar shards)")
+    assert stream_choice("auto", "digits", None, None, 8.0) == (False, "held in memory")
+    with pytest.raises(ValueError, match="stream: true reads class folders or tar shards .*'digits'"):
+        stream_choice(True, "digits", None, None, 8.0)
+
+
+def test_make_loader_serves_both_kinds_of_dataset(splits):
+    from pnnh.data import load_dataset
+
+    memory = load_dataset("digits")
+    assert isinstance(make_loader(memory, "test", 64, train=False, workers=3), TensorLoader)
+    assert len(make_loader(memory, "test", 64, train=False, first=100)) == 2
+    streamed = make_loader(splits, "test", 64, train=False, first=100, crop_pad=4)
+    assert isinstance(streamed, StreamingLoader) and len(streamed) == 2
+    assert torch.equal(next(iter(streamed))[1], torch.from_numpy(splits.test.labels[:64]))

@@ -52,12 +52,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasets import _channel_stats, folder_splits, split_indices
+from .datasets import DataSplits, _channel_stats, folder_splits, split_indices
 from .formats import IMAGE_EXTENSIONS, DatasetFormatError, decode_image, list_image_folder
-from .loader import check_sharding, epoch_generator, normalizer, num_steps, step_ranges
+from .loader import TensorLoader, check_sharding, epoch_generator, normalizer, num_steps, step_ranges
 
 __all__ = ["ImageIndex", "StreamSplits", "StreamingLoader", "index_split", "load_streaming", "write_shards",
-           "make_image_folder", "decoded_bytes"]
+           "make_image_folder", "decoded_bytes", "stream_choice", "make_loader"]
 
 SCALE, RATIO, EVAL_CROP = (0.08, 1.0), (3 / 4, 4 / 3), 0.875
 STATS_IMAGES = 512  # images decoded to estimate the channel mean and std
@@ -219,9 +219,34 @@ class StreamSplits:
                 f"img_size={self.img_size}, classes={self.num_classes}, on disk)")
 
 
-def count_images(data_dir: str | os.PathLike | None) -> int:
-    """Images in train and val/test of a folder dataset (what ``stream: auto`` weighs)."""
-    return sum(len(index_split(split)[0]) for split in folder_splits(data_dir))
+def stream_choice(stream: bool | str, name: str, data_dir: str | os.PathLike | None, img_size: int | None,
+                  memory_budget_gb: float) -> tuple[bool, str]:
+    """Whether a run reads dataset ``name`` from disk as it trains (True) or holds it in memory,
+    and why, in words for the run's log.
+
+    ``stream``: True, False or "auto": stream a `folder` dataset when its images, decoded at
+    ``img_size``, would take more than ``memory_budget_gb`` (per process). Tar shards are
+    always streamed (the in-memory reader reads class folders only). Only `folder` streams.
+    """
+    if stream is False:
+        return False, "held in memory (stream: false)"
+    if name != "folder":
+        if stream is True:
+            raise ValueError(f"stream: true reads class folders or tar shards (data: folder); {name!r} is a "
+                             "dataset pnnh holds in memory: use stream: auto or false")
+        return False, "held in memory"
+    splits = folder_splits(data_dir)
+    if any(p.suffix == ".tar" for split in splits for p in split.iterdir()):
+        return True, "streamed from disk (tar shards)"
+    if stream is True:
+        return True, "streamed from disk (stream: true)"
+    n = sum(len(list_image_folder(split)[0]) for split in splits)
+    size = img_size or 32
+    need = decoded_bytes(n, size) / 1e9
+    verdict = ">" if need > memory_budget_gb else "<="
+    where = "streamed from disk" if need > memory_budget_gb else "held in memory"
+    return need > memory_budget_gb, (f"{where}: {n:,} images are {need:.3g} GB at {size} px {verdict} "
+                                     f"memory_budget_gb={memory_budget_gb:g}")
 
 
 _STATS = 4  # the seeded stream that picks the images for mean/std (split_indices uses 1..3)
@@ -398,6 +423,26 @@ class StreamingLoader:
             if not self.channels_last:
                 xb = xb.contiguous()
             yield torch.addcmul(self._shift, xb.float(), self._scale), yb.to(self.device, non_blocking=non_blocking)
+
+
+def make_loader(splits: DataSplits | StreamSplits, split: str, batch_size: int, *, train: bool,
+                first: int | None = None, crop_pad: int = 0, workers: int = 0,
+                **kwargs) -> TensorLoader | StreamingLoader:
+    """The loader for ``split`` ("train", "val" or "test") of either kind of dataset.
+
+    ``first``: only the split's first images (a fixed probe batch). In memory, ``crop_pad``
+    is the random crop's padding and ``workers`` is unused; streamed, the random-resized crop
+    replaces the padded crop and ``workers`` decode. ``kwargs``: the loaders' common options
+    (seed, device, channels_last, drop_last, rank, world_size).
+    """
+    norm = {"mean": splits.mean, "std": splits.std, "train": train, "hflip": splits.hflip, **kwargs}
+    if isinstance(splits, StreamSplits):
+        index = getattr(splits, split)
+        if first is not None:
+            index = index.subset(np.arange(min(first, len(index))))
+        return StreamingLoader(index, batch_size, img_size=splits.img_size, workers=workers, **norm)
+    x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+    return TensorLoader(x[:first], y[:first], batch_size, crop_pad=crop_pad, **norm)
 
 
 # --- writing datasets ------------------------------------------------------------------
