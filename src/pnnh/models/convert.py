@@ -118,6 +118,7 @@ def convert(model: nn.Module, example_input: torch.Tensor, *, spec: CoderSpec | 
     if not blocks:
         raise ConversionError(f"{name} has no residual block (an addition of a branch and a shortcut from one "
                               "tensor) in its traced graph: there is nothing to convert")
+    _check_all_shortcuts_in_blocks(model, graph, blocks, modules)
     for block in blocks:
         _build_branch(block, modules, data)
     _build_conv_layers(blocks, spec)
@@ -130,6 +131,17 @@ def convert(model: nn.Module, example_input: torch.Tensor, *, spec: CoderSpec | 
     if verbose:
         print(report)
     return twin
+
+
+def _check_all_shortcuts_in_blocks(model: nn.Module, graph: fx.Graph, blocks: list[_Block], modules) -> None:
+    """Every shortcut ``find_shortcuts`` sees must belong to a block that will be replaced."""
+    converted = {n.name for block in blocks for n in block.nodes}
+    nodes = {n.name: n for n in graph.nodes}
+    for found in find_shortcuts(model):
+        if found["node"] not in converted:
+            raise ConversionError(f"{type(model).__name__} has a shortcut at {_describe(nodes[found['node']], modules)} "
+                                  f"(from {found['source']!r}) that is not an addition of a branch and a shortcut "
+                                  "(e.g. a DenseNet-style concatenation): convert cannot replace it")
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -488,6 +500,9 @@ def _place(model: nn.Module, graph_module: fx.GraphModule, blocks: list[_Block],
         with graph.inserting_after(block.output):
             new = graph.call_module(target, (block.input,))
         block.output.replace_all_uses_with(new)
+        for later in blocks[i + 1:]:
+            if later.input is block.output:
+                later.input = new
         for n in sorted(block.nodes, key=order.__getitem__, reverse=True):
             graph.erase_node(n)
     graph.lint()

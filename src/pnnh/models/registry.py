@@ -20,12 +20,44 @@ class UnknownModelError(ValueError):
     """Raised by :func:`create_model` for a name that is not registered."""
 
 
-def register_model(name: str, fn: Callable[..., nn.Module], **fixed) -> None:
-    """Register ``fn`` under ``name``; ``fixed`` keyword arguments are pinned by the name."""
+CONVERT_PREFIX = "convert:"  # "convert:resnet56": the PNNH twin of a registered model (pnnh.convert)
+
+
+def register_model(name: str | Callable[..., nn.Module] | None = None, fn: Callable[..., nn.Module] | None = None,
+                   **fixed):
+    """Register a model constructor under a name; ``fixed`` keyword arguments are pinned by the name.
+
+    A call, or a decorator as in timm (the constructor is returned unchanged)::
+
+        register_model("pnnh56", cifar_pnnh, depth=56)
+        @register_model                   # registered as "my_net"
+        def my_net(num_classes=10, in_chans=3, **kwargs): ...
+        @register_model("my-net-8", depth=8)
+        def my_net_any_depth(depth, **kwargs): ...
+
+    ``create_model`` passes ``num_classes``, ``in_chans`` and ``img_size`` when ``pnnh train``
+    builds the model, so a constructor should accept them (or ``**kwargs``).
+    """
+    if callable(name):  # @register_model without arguments
+        return register_model(name.__name__, name, **fixed)
+    if fn is None:
+        return lambda f: register_model(f.__name__ if name is None else name, f, **fixed)
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"model name {name!r} is not valid: use a non-empty string without ':' "
+                         f"({CONVERT_PREFIX!r} names the PNNH twin of a registered model)")
+    if not callable(fn):
+        raise TypeError(f"register_model({name!r}, fn): fn must be a callable that builds the model, "
+                        f"got {type(fn).__name__}")
     if name in _MODELS:
         raise ValueError(f"model name {name!r} is already registered")
     _MODELS[name] = fn
     _FIXED[name] = fixed
+    return fn
+
+
+def is_model(name: str) -> bool:
+    """Whether ``create_model(name)`` knows ``name``: a registered model or ``convert:<registered>``."""
+    return name in _MODELS or (name.startswith(CONVERT_PREFIX) and name[len(CONVERT_PREFIX):] in _MODELS)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -60,6 +92,8 @@ def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, 
 
 
 def _build(name: str, kwargs: dict) -> nn.Module:
+    if name.startswith(CONVERT_PREFIX):
+        return _build_converted(name, kwargs)
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
@@ -81,6 +115,24 @@ def _build(name: str, kwargs: dict) -> nn.Module:
     model.model_name = name
     model.pretrained_cfg = model_config(name, kwargs, model)
     return model
+
+
+def _build_converted(name: str, kwargs: dict) -> nn.Module:
+    """``convert:NAME``: ``pnnh.convert`` of the registered model NAME; ``coder_*`` keywords go to
+    the conversion, the others to NAME's constructor. The example input is a batch of the
+    model's ``in_chans`` x ``img_size`` images (given, else recorded by the model, else 3 x 32)."""
+    import torch
+
+    from pnnh.models.convert import convert  # convert builds on this module
+
+    coder = {k: v for k, v in kwargs.items() if k.startswith("coder_")}
+    rest = {k: v for k, v in kwargs.items() if k not in coder}
+    model = _build(name[len(CONVERT_PREFIX):], rest)
+    chans, size = (rest.get(k, getattr(model, k, None)) or default for k, default in (("in_chans", 3), ("img_size", 32)))
+    twin = convert(model, torch.zeros(2, chans, size, size), **coder)
+    twin.model_name = name
+    twin.pretrained_cfg = model_config(name, kwargs, twin)
+    return twin
 
 
 def count_params(model: nn.Module) -> int:

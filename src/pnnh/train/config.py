@@ -378,9 +378,10 @@ def _validate(cfg: TrainConfig) -> None:
     cfg.data = _as_str("data", cfg.data)
     from pnnh.data import list_datasets
     from pnnh.models import list_models
+    from pnnh.models.registry import is_model
 
     models = list(list_models())
-    if cfg.model not in models:
+    if not is_model(cfg.model):  # a registered name, or convert:<name> (its PNNH twin)
         raise _close("model", cfg.model, models)
     datasets = list(list_datasets())
     if cfg.data not in datasets:
