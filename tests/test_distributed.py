@@ -236,7 +236,8 @@ def test_config_errors_are_clear_and_the_same_on_every_rank(runs):
     msg = {name: outcomes[0]["error"] for name, outcomes in errors.items()}
     assert "batch_size=63" in msg["batch"] and "world size 2" in msg["batch"] and "62 or 64" in msg["batch"]
     assert "sync_bn needs CUDA" in msg["sync_bn"] and "'cpu'" in msg["sync_bn"]
-    assert "40 samples cannot fill one step of 2 rank(s) x batch 32" in msg["too_few_train"]
+    assert ("batch_size=64 over 2 processes is more than the 40 training images of 'fashion-mnist': "
+            "pass --batch-size 40 or less") in msg["too_few_train"]
     assert "1 samples cannot be split over world_size=2" in msg["too_few_test"]
     assert "is not empty" in msg["taken"] and "mine.txt" in msg["taken"]
     root = runs["root"]

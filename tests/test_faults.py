@@ -283,6 +283,12 @@ def test_a_bad_width_is_refused_before_the_run_directory_exists(capsys, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_data_download_into_a_read_only_disk_is_one_line(capsys, tmp_path):
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        fails_cleanly(capsys, ["data", "download", "mnist", "--data-dir", ro / "data"],
+                      f"{ro / 'data'}: Read-only file system")
+
+
 def test_labels_outside_the_classes_are_one_line(capsys, fashion_dir, tmp_path):
     d = tmp_path / "fashion-mnist"
     d.mkdir()

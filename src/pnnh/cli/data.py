@@ -8,6 +8,7 @@ import sys
 
 from pnnh.data.datasets import DATA_ENV, default_cache_dir, list_datasets, load_dataset
 from pnnh.data.download import BASE_URL_ENV, SHA256, download
+from pnnh.io import os_error_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (ValueError, OSError) as err:  # not found, bad format, download failed, unwritable directory
-        print(f"pnnh data: error: {err}", file=sys.stderr)
+        print(f"pnnh data: error: {os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         return 2
 
 
