@@ -44,6 +44,23 @@ except ImportError:  # the optional extra is not installed: the methods say how 
                               "(pnnh.load reads a local folder without it)")
 
 
+def stage_points(stem: nn.Module, layers) -> list[tuple[str, nn.Module]]:
+    """A CNN's ``feature_points``: the stem, then each stage's last layer (the one before a
+    downsampling layer, and the last); ``layers`` are the body's, named ``body.N``."""
+    layers = list(layers)
+    ends = [n for n in range(len(layers)) if n == len(layers) - 1 or _downsamples(layers[n + 1])]
+    return [("stem", stem)] + [(f"body.{n}", layers[n]) for n in ends]
+
+
+def _downsamples(module: nn.Module) -> bool:
+    """Whether any convolution or pooling inside ``module`` has a stride above 1."""
+    return any(s > 1 for m in module.modules() for s in _pair(getattr(m, "stride", 1)))
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 class Classifier(nn.Module, _HubMixin, library_name="pnnh", tags=["pnnh", "image-classification"],
                  paper_url="https://arxiv.org/abs/2402.08645",
                  pipeline_tag="image-classification", license="apache-2.0"):

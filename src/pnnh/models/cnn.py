@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from pnnh.models.init import apply_init
-from pnnh.models.base import Classifier
+from pnnh.models.base import Classifier, stage_points
 from pnnh.models.layers import ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
 from pnnh.models.registry import register_model
 
@@ -82,10 +82,7 @@ class ConvNet(Classifier):
         return torch.flatten(self.pool(features), 1)
 
     def feature_points(self) -> list[tuple[str, nn.Module]]:
-        """The stem, then each stage's last layer: the one before a downsampling layer, and the last."""
-        body = list(self.body)
-        ends = [n for n in range(len(body)) if n == len(body) - 1 or _downsamples(body[n + 1])]
-        return [("stem", self.stem)] + [(f"body.{n}", body[n]) for n in ends]
+        return stage_points(self.stem, self.body)
 
     def feature_layers(self) -> list[tuple[str, nn.Module]]:
         """One (name, module) per hidden weight layer; the module's output is its representation."""
@@ -94,15 +91,6 @@ class ConvNet(Classifier):
             name = f"body.{n}"
             layers += m.feature_layers(name) if hasattr(m, "feature_layers") else [(name, m)]
         return layers
-
-
-def _downsamples(module: nn.Module) -> bool:
-    """Whether any convolution or pooling inside ``module`` has a stride above 1."""
-    return any(s > 1 for m in module.modules() for s in _pair(getattr(m, "stride", 1)))
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_classes: int,

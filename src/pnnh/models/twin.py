@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pnnh.models.base import Classifier, stage_points
 from pnnh.models.cnn import CIFAR_DEPTHS, cifar_stages
 from pnnh.models.layers import ConvBNAct, CoderSpec, code_read_matrix, he_normal_
 from pnnh.models.registry import register_model
@@ -67,24 +68,36 @@ class TwinLayer(nn.Module):
         return proj
 
 
-class ResidualTwinNet(nn.Module):
+class ResidualTwinNet(Classifier):
     """stem -> the twin recurrence over (stream, branch) -> [x, a] -> pool -> linear head."""
 
     family = "cnn"
 
-    def __init__(self, stem: nn.Module, layers: list[TwinLayer], out_ch: int, num_classes: int):
+    def __init__(self, stem: nn.Module, layers: list[TwinLayer], out_ch: int, num_classes: int,
+                 in_chans: int | None = None, img_size: int | None = None):
         super().__init__()
+        self.in_chans, self.img_size, self.num_features = in_chans, img_size, out_ch
         self.stem = stem
         self.body = nn.ModuleList(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(out_ch, num_classes)
 
-    def forward(self, img):
+    def forward_features(self, img):
         h = self.stem(img)
         x, a = h[:, : self.body[0].in_code], h[:, self.body[0].in_code:]
         for layer in self.body:
             x, a = layer(x, a)
-        return self.head(torch.flatten(self.pool(torch.cat([x, a], dim=1)), 1))
+        return torch.cat([x, a], dim=1)
+
+    def pool_features(self, features):
+        return torch.flatten(self.pool(features), 1)
+
+    def feature_points(self) -> list[tuple[str, nn.Module]]:
+        return stage_points(self.stem, self.body)
+
+    def feature_map(self, output):
+        """A layer's (x, a) as the PNNH layer's output [x, a]."""
+        return torch.cat(output, dim=1) if isinstance(output, tuple) else output
 
 
 def twin_cifar_net(depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16, img_size: int = 32,
@@ -103,7 +116,7 @@ def twin_cifar_net(depth: int, num_classes: int = 10, in_chans: int = 3, width: 
         for in_ch, out_ch, kernel, stride in (c for block in blocks for c in block):
             in_code = min(in_ch, spec.code_channels(out_ch))
             layers.append(TwinLayer(spec, in_ch, out_ch, kernel, stride, in_code))
-    return ResidualTwinNet(ConvBNAct(in_chans, width), layers, 4 * width, num_classes)
+    return ResidualTwinNet(ConvBNAct(in_chans, width), layers, 4 * width, num_classes, in_chans, img_size)
 
 
 def load_pnnh_weights(twin: ResidualTwinNet, pnnh_net: nn.Module) -> None:
