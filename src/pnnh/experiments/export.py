@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pnnh.io import atomic_write_text, check_creatable_dir, format_table, write_png
+from pnnh.io import atomic_write_text, check_creatable_dir, format_table, package_version, write_png
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -152,13 +152,11 @@ def export_metadata(run: LoadedRun) -> dict[str, object]:
     """What the exported file records: how to feed it (``input_size`` [C, H, W], per-channel
     ``mean``/``std`` in pixel/255 units, ``num_classes``), the model's name and keyword arguments,
     the pnnh version, and whatever else its ``pretrained_cfg`` records (such as class names)."""
-    import pnnh
-
     splits = run.splits
     meta = {k: v for k, v in (getattr(run.model, "pretrained_cfg", None) or {}).items() if v is not None}
     meta.update(model=run.config.model, model_kwargs=run.config.model_kwargs, num_classes=splits.num_classes,
                 input_size=[splits.in_chans, splits.img_size, splits.img_size], mean=list(splits.mean),
-                std=list(splits.std), pnnh_version=pnnh.__version__,
+                std=list(splits.std), pnnh_version=package_version(),
                 input="images: float32 (N, C, H, W), (pixels / 255 - mean) / std per channel",
                 output="logits: float32 (N, num_classes)")
     return meta
