@@ -323,6 +323,13 @@ def test_set_coerces_a_number_yaml_reads_as_text(tmp_path):
     assert torch.equal(as_text(x), as_float(x))
     with pytest.raises(ValueError, match="coder_scale='big' is not valid: it must be a number"):
         create_model("pnnh8", coder_scale="big")
+    # the same for a constructor's own typed argument (TAT's eta: float)
+    torch.manual_seed(0)
+    as_text = create_model("tat_plain8", width=4, eta="5e-1").eval()
+    torch.manual_seed(0)
+    assert torch.equal(as_text(x), create_model("tat_plain8", width=4, eta=0.5).eval()(x))
+    with pytest.raises(ValueError, match="eta='x' is not valid: it must be a number"):
+        create_model("tat_plain8", eta="x")
 
 
 def test_out_naming_a_file_says_file(capsys, tmp_path):

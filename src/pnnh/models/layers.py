@@ -90,14 +90,16 @@ class ResidualBlock(nn.Module):
         return inner + [(prefix, self)]
 
 
-def _coerce(field: str, value: Any, kind: str) -> Any:
-    """``value`` as the annotated ``kind`` ("float" / "int") when it is text spelling a number."""
+def as_annotated(name: str, value: Any, kind: Any) -> Any:
+    """``value`` as the annotated ``kind`` (``float`` / ``int``, or their names) when it is text
+    spelling a number: YAML 1.1 reads ``1e-3`` as a string, the argument's type says what it meant."""
+    kind = getattr(kind, "__name__", kind)
     if not isinstance(value, str) or kind not in ("float", "int"):
         return value
     try:
         return float(value) if kind == "float" else int(value)
     except ValueError:
-        raise ValueError(f"coder_{field}={value!r} is not valid: it must be a number ({kind})") from None
+        raise ValueError(f"{name}={value!r} is not valid: it must be a number ({kind})") from None
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class CoderSpec:
         """Pop ``coder_*`` keyword arguments (``coder_ratio=0.25`` ...) out of ``kwargs``.
 
         A number given as text (YAML 1.1 reads ``1e-3`` as a string) becomes the field's type."""
-        fields = {f: _coerce(f, kwargs.pop(f"coder_{f}"), spec.type)
+        fields = {f: as_annotated(f"coder_{f}", kwargs.pop(f"coder_{f}"), spec.type)
                   for f, spec in cls.__dataclass_fields__.items() if f"coder_{f}" in kwargs}
         return replace(base, **fields) if base is not None else cls(**fields)
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import os
 from typing import Callable, Sequence
 
 import torch.nn as nn
 
 from pnnh.models.features import FeatureExtractor
+from pnnh.models.layers import as_annotated
 from pnnh.models.pretrained import load_pretrained, model_config
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -107,6 +109,7 @@ def _build(name: str, kwargs: dict) -> nn.Module:
                 f"model {name!r} fixes {key}={value}; got {key}={kwargs[key]}. "
                 f"Use create_model({base!r}, {key}={kwargs[key]}) for another {key}"
             )
+    kwargs = _as_annotated(_MODELS[name], kwargs)
     for key in SIZE_ARGS:  # caught here, one clear line, rather than as a tensor-shape error deep inside
         value = kwargs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -115,6 +118,16 @@ def _build(name: str, kwargs: dict) -> nn.Module:
     model.model_name = name
     model.pretrained_cfg = model_config(name, kwargs, model)
     return model
+
+
+def _as_annotated(fn: Callable[..., nn.Module], kwargs: dict) -> dict:
+    """``kwargs`` with each number given as text made the type ``fn`` declares for it (``coder_*``
+    keywords, passed on through ``**kwargs``, are typed by ``CoderSpec``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing declared
+        return kwargs
+    return {k: as_annotated(k, v, params[k].annotation) if k in params else v for k, v in kwargs.items()}
 
 
 def _build_converted(name: str, kwargs: dict) -> nn.Module:
