@@ -168,11 +168,32 @@ def test_hub_mixin_round_trip_in_the_hub_layout(tmp_path):
         ConvNet.from_pretrained(tmp_path / "hub")
 
 
-def test_from_pretrained_of_a_hub_name_stays_offline_in_tests():
+def test_the_model_card_says_how_to_load_and_the_hub_stays_offline_in_tests(tmp_path):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
+    model = create_model("pnnh8", num_classes=3, in_chans=1, img_size=8)
+    model.save_pretrained(tmp_path / "hub")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "library_name: pnnh" in card and '`pnnh8`' in card and "[1, 8, 8]" in card
+    assert 'pnnh.from_pretrained("OWNER/NAME")' in card
     with pytest.raises((OfflineModeIsEnabled, OSError)):  # refused before any connection is made
         pnnh.from_pretrained("pnnh-user/no-such-model")
+    with pytest.raises(OfflineModeIsEnabled):
+        model.push_to_hub("pnnh-user/no-such-model")
+
+
+def test_without_the_hub_extra_load_works_and_the_hub_methods_say_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    _, folder = _saved(tmp_path)
+    code = ("import sys; sys.modules['huggingface_hub'] = None\n"  # as if not installed
+            "import pnnh\n"
+            f"model = pnnh.load({str(folder)!r})\n"
+            "try:\n    model.save_pretrained('unused')\nexcept ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'pnnh[hub]'" in out.stdout
 
 
 # ---------------------------------------------------------------- runs: pnnh.train -> pnnh.load

@@ -24,6 +24,20 @@ import torch.nn as nn
 from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_files
 
 HUB_HINT = "pip install 'pnnh[hub]' (huggingface_hub)"
+# The README.md that save_pretrained writes beside the weights (a Jinja template of huggingface_hub).
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+`{{ model }}`, an image classifier of the pnnh library (paper: {{ paper_url }}):
+{{ num_classes }} classes, inputs of shape {{ input_size }} normalised as `(pixels / 255 - mean) / std`
+with the `mean` and `std` in `config.json`.
+
+```python
+import pnnh
+model = pnnh.from_pretrained("{{ repo_id | default('OWNER/NAME', true) }}")  # pip install 'pnnh[hub]'
+```
+"""
 
 try:
     from huggingface_hub import PyTorchModelHubMixin as _HubMixin
@@ -63,7 +77,7 @@ def _pair(value) -> tuple:
 
 class Classifier(nn.Module, _HubMixin, library_name="pnnh", tags=["pnnh", "image-classification"],
                  paper_url="https://arxiv.org/abs/2402.08645",
-                 pipeline_tag="image-classification", license="apache-2.0"):
+                 pipeline_tag="image-classification", license="apache-2.0", model_card_template=MODEL_CARD):
     """Base of every zoo model (see the module docstring)."""
 
     head: nn.Module
@@ -111,6 +125,16 @@ class Classifier(nn.Module, _HubMixin, library_name="pnnh", tags=["pnnh", "image
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_pretrained_files(self, save_directory)
+
+    def generate_model_card(self, *args, **kwargs):
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        facts = {k: cfg.get(k) for k in ("model", "num_classes", "input_size")}
+        return super().generate_model_card(*args, **{**facts, **kwargs})
+
+    def push_to_hub(self, repo_id: str, *args, model_card_kwargs: dict | None = None, **kwargs):
+        """The mixin's upload, with ``repo_id`` in the model card's loading snippet."""
+        card = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, *args, model_card_kwargs=card, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
