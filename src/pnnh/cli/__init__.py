@@ -14,7 +14,7 @@ import sys
 from pnnh.io import os_error_line
 
 # In the order `pnnh --help` lists them.
-COMMAND_MODULES = ("models", "data", "train", "probe", "theory", "sweep", "bench", "export")
+COMMAND_MODULES = ("models", "data", "train", "probe", "theory", "sweep", "tune", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

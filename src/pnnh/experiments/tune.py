@@ -1,0 +1,165 @@
+"""``pnnh tune``: hyperparameter search on the validation split with Optuna, the same budget for every method.
+
+A tune file (``configs/tune-*.yaml``) holds the method's training config and the search space::
+
+    tune:
+      trials: 8                       # finished trials (complete or pruned) the study ends with
+      space:                          # TrainConfig fields, or model_kwargs.KEY
+        lr: {low: 0.01, high: 0.4, log: true}
+        warmup_epochs: {low: 0.0, high: 2.0}
+        scalar_lr_scale: {choices: [0.1, 1.0]}
+    train: {model: fixup_resnet, model_kwargs: {depth: 56}, data: fashion-mnist, val_size: 5000, ...}
+
+Every trial is one ``pnnh.train`` run under ``OUT/trials/NNN`` scored by its validation accuracy;
+Optuna's MedianPruner stops a trial whose per-epoch validation accuracy falls below the median of
+earlier trials at the same epoch (the trainer's ``on_epoch_end`` callback raises ``TrialPruned``).
+The study lives in ``OUT/study.db`` (SQLite, Optuna's RDB storage), so re-running the command
+continues it: a trial left running by a killed process is marked failed and its parameters are
+tried again, and the study stops at ``trials`` complete or pruned trials. At the end
+``OUT/best.yaml`` is the best trial's training config (``pnnh train --config OUT/best.yaml --out
+DIR``) and ``OUT/best-sweep.yaml`` the same as a one-variant sweep recipe (``pnnh sweep --config``).
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import yaml
+
+from pnnh.io import atomic_write_text
+from pnnh.train.config import FIELDS, ConfigError, load_config
+from pnnh.train.trainer import train
+
+STUDY = "pnnh-tune"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Fields a trial sets itself or that no search should touch.
+NOT_SEARCHABLE = {"model", "data", "out", "val_size", "seed", "model_kwargs"}
+
+
+def load_tune(path: str | Path, overrides: dict | None = None, trials: int | None = None) -> tuple[dict, dict, int]:
+    """(train config dict, search space, number of trials) from a tune YAML; raises ``ConfigError``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read tune config {path}: {err}") from None
+    if set(raw) - {"tune", "train"}:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(set(raw) - {'tune', 'train'})}; valid: tune, train")
+    section = dict(raw.get("tune") or {})
+    base = {**(raw.get("train") or {}), **(overrides or {})}
+    n_trials = trials if trials is not None else section.get("trials", 8)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"trials={n_trials!r}: give a positive integer")
+    space = dict(section.get("space") or {})
+    if not space:
+        raise ConfigError(f"{path}: tune.space is empty; give at least one field, e.g. lr: {{low: 0.01, high: 0.4, log: true}}")
+    for name, dist in space.items():
+        _check_param(name, dist)
+    cfg = load_config(base)  # validates the base config now, not after the first trial
+    if cfg.val_size <= 0:
+        raise ConfigError("tune reads validation accuracy: set val_size (images carved from the training set), "
+                          f"got val_size={cfg.val_size}")
+    return base, space, n_trials
+
+
+def _check_param(name: str, dist: Any) -> None:
+    field_name = name.split(".", 1)[0]
+    if not (name.startswith("model_kwargs.") or (field_name in FIELDS and field_name not in NOT_SEARCHABLE)):
+        raise ConfigError(f"tune.space: {name!r} is not a searchable TrainConfig field or model_kwargs.KEY")
+    if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or set(dist) == {"choices"}):
+        raise ConfigError(f"tune.space.{name}: give {{low, high[, log]}} or {{choices: [...]}}, got {dist!r}")
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: dict) -> Any:
+    if "choices" in dist:
+        return trial.suggest_categorical(name, list(dist["choices"]))
+    if isinstance(dist["low"], int) and isinstance(dist["high"], int) and not dist.get("log"):
+        return trial.suggest_int(name, dist["low"], dist["high"])
+    return trial.suggest_float(name, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log", False)))
+
+
+def trial_config(base: dict, params: dict) -> dict:
+    """``base`` with a trial's parameters set (``model_kwargs.KEY`` into the model keywords)."""
+    cfg = copy.deepcopy(base)
+    for name, value in params.items():
+        if name.startswith("model_kwargs."):
+            cfg.setdefault("model_kwargs", {})[name.split(".", 1)[1]] = value
+        else:
+            cfg[name] = value
+    return cfg
+
+
+class PruneOnValAcc:
+    """Training callback: report each epoch's validation accuracy to the trial; prune below the median."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def on_epoch_end(self, epoch: int, record: dict) -> None:
+        self.trial.report(record["val_acc"], epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
+
+
+@contextmanager
+def _study_lock(out: Path) -> Iterator[None]:
+    """Held while a process runs the study: a second process is refused, a stale one detected."""
+    with open(out / ".tune.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another pnnh tune process is running the study in {out}") from None
+        yield
+
+
+def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None, overrides: dict | None = None,
+         seed: int = 0, progress: bool = True) -> optuna.Study:
+    """Run (or continue) the study of ``config_path`` in ``out``; write the best config; return the study."""
+    base, space, n_trials = load_tune(config_path, overrides, trials)
+    out = Path(out)
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _study_lock(out):
+        study = optuna.create_study(
+            study_name=STUDY, storage=f"sqlite:///{(out / 'study.db').resolve()}", load_if_exists=True,
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # we hold the lock, so no process is running it: a killed run. Try its parameters again.
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(stale.params, skip_if_exists=False)
+
+        def objective(trial: optuna.Trial) -> float:
+            params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
+            cfg = trial_config(base, params)
+            cfg["out"] = str(out / "trials" / f"{trial.number:03d}")
+            result = train(cfg, callbacks=[PruneOnValAcc(trial)], progress=progress)
+            return result.metrics.get("val_acc") or 0.0  # a diverged run scores 0
+
+        while (left := n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))) > 0:
+            study.optimize(objective, n_trials=left)
+        write_best(study, base, out, config_path)
+    return study
+
+
+def write_best(study: optuna.Study, base: dict, out: Path, source: str | Path) -> None:
+    """``best.yaml`` (a training config) and ``best-sweep.yaml`` (a one-variant sweep recipe)."""
+    best = study.best_trial
+    cfg = trial_config(base, best.params)
+    cfg.pop("out", None)
+    note = (f"# pnnh tune: best of {len(study.get_trials(states=FINISHED))} trials of {source} "
+            f"(trial {best.number}, val_acc {best.value:.4f}); params {best.params}\n")
+    atomic_write_text(out / "best.yaml", note + yaml.safe_dump(cfg, sort_keys=False))
+    model_kwargs = dict(cfg.pop("model_kwargs", None) or {})
+    depth = model_kwargs.pop("depth", None)
+    if depth is None:  # a sweep names the depth: without one in the config there is no recipe to write
+        return
+    tuned = {k: v for k, v in best.params.items() if not k.startswith("model_kwargs.")}
+    train_cfg = {k: v for k, v in cfg.items() if k not in ("model", "seed", *tuned)}
+    variant = {"family": cfg["model"], "model_kwargs": model_kwargs, "train": tuned}
+    recipe = {"sweep": {"depths": [depth], "seeds": 3, "variants": {f"{cfg['model']}-tuned": variant}},
+              "train": train_cfg}
+    atomic_write_text(out / "best-sweep.yaml", note + yaml.safe_dump(recipe, sort_keys=False))

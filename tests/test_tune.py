@@ -1,0 +1,97 @@
+"""pnnh tune: a real Optuna study on digits, killed mid-trial with SIGKILL, resumed, its best config trained."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+import pnnh
+from pnnh.experiments.sweep import load_sweep
+from pnnh.experiments.tune import load_tune, tune
+from pnnh.train.config import ConfigError, load_config
+
+TUNE = {
+    "tune": {"trials": 3, "space": {"lr": {"low": 0.01, "high": 0.3, "log": True},
+                                    "warmup_epochs": {"low": 0.0, "high": 1.0}}},
+    "train": {"model": "resnet", "model_kwargs": {"depth": 8, "width": 4}, "data": "digits", "img_size": 8,
+              "val_size": 300, "train_subset": 512, "epochs": 3, "batch_size": 64, "precision": "fp32"},
+}
+
+
+def _running_trial_with_an_epoch(db: Path) -> bool:
+    """A trial numbered >= 1 is running and has reported an epoch (read-only look at Optuna's tables)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
+            return con.execute("SELECT COUNT(*) FROM trials t JOIN trial_intermediate_values v ON t.trial_id = "
+                               "v.trial_id WHERE t.state = 'RUNNING' AND t.number >= 1").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a write
+        return False
+
+
+def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(TUNE))
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "pnnh", "tune", "--config", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not _running_trial_with_an_epoch(out / "study.db"):
+        assert proc.poll() is None, f"tune ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no trial reached its first epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    storage = f"sqlite:///{out / 'study.db'}"
+    killed = optuna.load_study(study_name="pnnh-tune", storage=storage)
+    running = [t for t in killed.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1 and len(killed.trials) == running[0].number + 1
+
+    study = tune(config, out, progress=False)  # the same study, continued in this process
+    states = [t.state for t in study.trials]
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3 and states.count(optuna.trial.TrialState.FAIL) == 1
+    stale = study.trials[running[0].number]
+    assert stale.state == optuna.trial.TrialState.FAIL
+    assert study.trials[stale.number + 1].params == stale.params  # the killed trial's settings tried again
+    assert all(t.intermediate_values for t in finished)  # the pruner saw every epoch's val_acc
+
+    best = load_config(out / "best.yaml", {"out": str(tmp_path / "best-run")})
+    assert best.lr == study.best_params["lr"] and best.warmup_epochs == study.best_params["warmup_epochs"]
+    result = pnnh.train(best, progress=False)
+    assert result.status == "ok"
+    assert result.metrics["val_acc"] == pytest.approx(study.best_value, abs=1e-9)  # the same run, retrained
+    sweep = load_sweep(out / "best-sweep.yaml")
+    cell = sweep.cells()[0]
+    assert (cell.family, cell.depth, len(sweep.seeds)) == ("resnet", 8, 3)
+    cell_cfg = cell.config(tmp_path / "sweep")
+    assert (cell_cfg.lr, cell_cfg.warmup_epochs, cell_cfg.model_kwargs) == (best.lr, best.warmup_epochs,
+                                                                              best.model_kwargs)
+
+
+def test_tune_file_errors_name_the_bad_value(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for section, message in [({"tune": {"space": {"lr": {"low": 0.01, "high": 0.3}}}, "train": {"model": "resnet8", "data": "digits"}},
+                               "set val_size"),
+                              ({"tune": {"space": {"model": {"choices": ["a"]}}}, "train": TUNE["train"]},
+                               "'model' is not a searchable"),
+                              ({"tune": {"space": {"lr": [0.1]}}, "train": TUNE["train"]}, "tune.space.lr"),
+                              ({"tune": {"trials": 0, "space": TUNE["tune"]["space"]}, "train": TUNE["train"]},
+                               "trials=0")]:
+        bad.write_text(yaml.safe_dump(section))
+        with pytest.raises(ConfigError, match=message):
+            load_tune(bad)
+    proc = subprocess.run([sys.executable, "-m", "pnnh", "tune", "--config", str(bad), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("pnnh tune: error: trials=0")
