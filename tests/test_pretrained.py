@@ -3,6 +3,7 @@ folders, ``create_model(pretrained=)``, the Hub mixin's local round trip (never 
 HF_HUB_OFFLINE=1 in conftest), and ``pnnh.load`` on runs of today and of before config.json."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -52,8 +53,8 @@ def test_features_only_gives_each_stage_map(name, kwargs, side, expected):
         final = model.forward_features(x)
     if not isinstance(model, ViT):  # a CNN's last map is what its head pools (a ViT normalises it first)
         torch.testing.assert_close(maps[-1], final, rtol=0, atol=0)
-    picked = create_model(name, num_classes=3, in_chans=2, img_size=side, features_only=True,
-                          out_indices=(-1, 1), **kwargs)
+    picked = copy.deepcopy(create_model(name, num_classes=3, in_chans=2, img_size=side, features_only=True,
+                                        out_indices=(-1, 1), **kwargs))
     assert [(m.shape[1], m.shape[-1]) for m in picked(x)] == [expected[-1], expected[1]]
 
 

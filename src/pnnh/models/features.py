@@ -5,10 +5,13 @@
     net.feature_info.channels()         # [16, 64]; .reduction() -> [1, 4]
 
 The stages are the points a model lists in ``feature_points()`` (a CNN: its stem and the last
-layer before each downsampling; a ViT: every block). Forward hooks on those modules collect
-their outputs during one ``forward_features`` pass, so no family needs a second forward.
+layer before each downsampling; a ViT: every block). Forward hooks on those modules, in place
+only during the call, collect their outputs in one ``forward_features`` pass, so no family needs
+a forward of its own and a copy of the extractor (``copy.deepcopy``) holds no stale hook.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -37,22 +40,18 @@ class FeatureExtractor(nn.Module):
                              f"it has {n} stages, use indices in 0..{n - 1} (or -{n}..-1)")
         self.model = model
         self.out_indices = tuple(i % n for i in indices)
-        self._maps: dict[int, torch.Tensor] = {}
-        for i in self.out_indices:
-            points[i][1].register_forward_hook(self._keep(i))
         self.feature_info = FeatureInfo(self._describe([points[i][0] for i in self.out_indices]))
 
-    def _keep(self, index: int):
-        def hook(module, inputs, output):
-            self._maps[index] = output
-        return hook
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._maps.clear()
-        self.model.forward_features(x)
-        maps = [self.model.feature_map(self._maps[i]) for i in self.out_indices]
-        self._maps.clear()
-        return maps
+        points = self.model.feature_points()
+        maps: dict[int, torch.Tensor] = {}
+        handles = [points[i][1].register_forward_hook(partial(_keep, maps, i)) for i in self.out_indices]
+        try:
+            self.model.forward_features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [self.model.feature_map(maps[i]) for i in self.out_indices]
 
     @torch.no_grad()
     def _describe(self, names: list[str]) -> list[dict]:
@@ -69,3 +68,7 @@ class FeatureExtractor(nn.Module):
             self.model.train(was_training)
         return [{"module": name, "num_chs": m.shape[1], "reduction": size[-1] // m.shape[-1]}
                 for name, m in zip(names, maps)]
+
+
+def _keep(store: dict, index: int, module: nn.Module, inputs, output) -> None:
+    store[index] = output
