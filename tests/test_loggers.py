@@ -1,14 +1,18 @@
 """pnnh.train.loggers: TensorBoard and W&B logs, read back with each tool's own reader."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
+from pnnh.train import train
 from pnnh.train.config import load_config
 from pnnh.train.loggers import TensorBoardLogger, WandbLogger, build_loggers, parse_log
 
@@ -156,3 +160,69 @@ def test_parse_log_normalises_and_names_a_bad_entry():
     assert [type(lg) for lg in build_loggers("tensorboard,wandb", [mine, object()])] == [WandbLogger]
     with pytest.raises(ValueError, match=r"log='mlflow' is not a known logger; choose from tensorboard, wandb"):
         parse_log("tensorboard,mlflow")
+
+
+SMALL = {"model": "pnnh8", "model_kwargs": {"width": 4}, "data": "digits", "train_subset": 128, "test_subset": 64,
+         "epochs": 2, "batch_size": 32, "device": "cpu", "precision": "fp32", "probe_every": 1}
+
+
+class StepLosses:
+    """A user callback beside the loggers: the losses the trainer hands every callback."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_step(self, step, loss):
+        self.losses.append((step, loss))
+
+
+def test_train_with_log_writes_tensorboard_and_wandb_beside_metrics_jsonl(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="optional: pip install 'pnnh[track]'")
+    pytest.importorskip("wandb", reason="optional: pip install wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    out, user = tmp_path / "run", StepLosses()
+    result = train({**SMALL, "log": " TensorBoard,wandb", "out": str(out)}, progress=False, callbacks=[user])
+    assert yaml.safe_load((out / "config.yaml").read_text())["log"] == "tensorboard,wandb"  # recorded, normalised
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "train_loss" in r]
+
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in user.losses] == list(range(1, 9))  # 128 images / 32, 2 epochs: called 8 times
+    assert scalars["train/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in user.losses]  # float32
+    assert scalars["epoch/test_acc"] == [(r["step"], pytest.approx(r["test_acc"])) for r in epochs]
+    assert [s for s, _ in scalars["probe/final_cka"]] == [4, 8]  # every epoch, with probe_every=1
+    assert scalars["final/best_acc"] == [(8, pytest.approx(result.best_acc))]
+    assert tensorboard_hparams(out / "tensorboard")["lr"] == pytest.approx(0.025)  # resolved: 0.1 x 32 / 128
+
+    history, summary, config = wandb_logged(out)
+    assert [row["train/loss"] for row in history if "train/loss" in row] == [loss for _, loss in user.losses]
+    assert summary["final/best_acc"] == result.best_acc and config["log"] == "tensorboard,wandb"
+
+
+def test_train_log_bad_name_or_missing_package_fails_before_writing(tmp_path, monkeypatch, capsys):
+    from pnnh.cli import main
+
+    out = tmp_path / "run"
+    base = ["train", "--model", "pnnh8", "--data", "digits", "--out", str(out)]
+    assert main([*base, "--log", "tensorboard,mlflow"]) == 2
+    assert "log='mlflow' is not a known logger; choose from tensorboard, wandb" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec  # wandb as if not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    assert main([*base, "--log", "wandb"]) == 2
+    assert "--log wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sweep_cells_log_training_and_probe_curves(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install 'pnnh[track]'")
+    from pnnh.experiments.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(families=["pnnh"], depths=[8], seeds=1, model_kwargs={"width": 4},
+                      train={"data": "digits", "epochs": 1, "train_subset": 128, "test_subset": 64, "batch_size": 32,
+                             "precision": "fp32", "log": "tensorboard"})
+    (record,) = run_sweep(spec, tmp_path / "sweep", progress=False)
+    scalars = tensorboard_scalars(tmp_path / "sweep" / "cells" / "pnnh-d8-s0" / "tensorboard")
+    assert len(scalars["train/loss"]) == 4  # 128 images / 32
+    for stage in ("init", "end"):
+        assert [v for _, v in scalars[f"probe_curve/{stage}/cka"]] == pytest.approx(record["probe"][stage]["cka"])

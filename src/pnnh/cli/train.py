@@ -51,6 +51,8 @@ HELP = {
     "seed": "seed of initialisation, data order and augmentation (default 0)",
     "out": "run directory (default runs/<model>-<data>-<timestamp>)",
     "probe_every": "run the dissipating-inputs probe every K epochs, at init and at the end (0 = never)",
+    "log": "also log to these trackers, a comma list: tensorboard (<out>/tensorboard/), wandb (offline unless "
+           "WANDB_MODE is set); metrics.jsonl is always written",
     "max_steps": "stop after this many optimizer steps (for tests and benchmarks)",
     "crop_pad": "random-crop padding in pixels (default 4 for images >= 28 px, else 0)",
     "coder_lr_scale": "learning-rate multiplier for PNNH coder parameters (default 1)",

@@ -43,7 +43,7 @@ from pnnh.train.config import ConfigError, TrainConfig, load_config
 PROBE_IMAGES = 256
 # Train settings that change how a cell runs, not what it learns: processes sharing one sweep
 # directory may differ in them (e.g. one compiled, one not; each cell's config.yaml says which).
-EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout"})
+EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout", "log"})
 
 
 @dataclass
@@ -210,6 +210,7 @@ def _training_order(spec: SweepSpec) -> list[Cell]:
 
 def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: bool, progress: bool) -> dict:
     """Train (or resume) one cell, probe it, write its ``cell.json``; return the record."""
+    from pnnh.train.loggers import build_loggers
     from pnnh.train.trainer import TrainingDiverged, train
 
     if retry_failed and (cell_dir / "cell.json").exists():
@@ -218,8 +219,9 @@ def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: b
     if not resume and cell_dir.exists():
         # Stopped before its first checkpoint: nothing to resume, keep it aside, start afresh.
         cell_dir.rename(cell_dir.with_name(f"{cell.id}.incomplete-{int(time.time())}"))
+    loggers = build_loggers(config.log)  # made here, so that the probe curves join the cell's logs
     try:
-        result = train(config, resume=resume, progress=progress)
+        result = train(config, resume=resume, progress=progress, callbacks=loggers)
         record = _record(cell, "ok", result.to_dict())
     except TrainingDiverged as err:
         record = _record(cell, "diverged", err.result.to_dict(), reason=str(err))
@@ -229,8 +231,12 @@ def _train_cell(cell: Cell, config: TrainConfig, cell_dir: Path, retry_failed: b
     if record["status"] != "failed":
         try:
             record["probe"] = probe_curves(cell, config)
+            for logger in loggers:
+                logger.log_probe_curves(record["probe"])
         except Exception as err:  # a probe problem must not cost the training result
             record["probe_error"] = f"{type(err).__name__}: {err}"
+    for logger in loggers:
+        logger.close()
     cell_dir.mkdir(parents=True, exist_ok=True)  # a cell may fail before the trainer made it
     atomic_write_text(cell_dir / "cell.json", json.dumps(record, indent=1) + "\n")
     return record

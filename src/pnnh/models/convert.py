@@ -88,7 +88,7 @@ class ConversionReport:
 class _Block:
     add: fx.Node
     input: fx.Node                       # T: the tensor branch and shortcut start from
-    output: fx.Node                      # the addition, or the ReLU after it
+    output: fx.Node                      # the addition, or the ReLU (Identity) after it
     nodes: set[fx.Node]                  # every node of the block (T excluded)
     branch: list[fx.Node]                # in graph order
     shortcut: list[fx.Node]
@@ -190,6 +190,11 @@ def _is_relu(node: fx.Node, modules) -> bool:
             or (node.op == "call_method" and node.target in ("relu", "relu_")))
 
 
+def _after_add(node: fx.Node, modules) -> bool:
+    """The ReLU after a block's addition (or an ``nn.Identity`` standing in for one)."""
+    return _is_relu(node, modules) or (node.op == "call_module" and type(modules[node.target]) is nn.Identity)
+
+
 def _is_norm(node: fx.Node, modules) -> bool:
     return node.op == "call_module" and isinstance(modules[node.target], (nn.BatchNorm2d, nn.LayerNorm))
 
@@ -255,8 +260,8 @@ def _find_blocks(graph: fx.Graph, modules, data) -> list[_Block]:
             continue  # two weighted paths summed (a multi-branch block): no shortcut to remove
         nodes = paths[0] | paths[1] | {node}
         output = node
-        if len(node.users) == 1 and _is_relu(next(iter(node.users)), modules):
-            output = next(iter(node.users))
+        while len(output.users) == 1 and _after_add(next(iter(output.users)), modules):
+            output = next(iter(output.users))
             nodes.add(output)
         inner = [b for b in blocks if b.add in nodes]
         if inner:

@@ -97,6 +97,7 @@ class TrainConfig:
     dist_timeout: float = 300.0
     max_steps: int | None = None
     probe_every: int = 0
+    log: str | None = None  # trackers, a comma list: tensorboard, wandb (pnnh.train.loggers)
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -422,6 +423,13 @@ def _validate(cfg: TrainConfig) -> None:
         parse_guide(_as_str("guide", cfg.guide))
         if cfg.compile:
             raise ConfigError("guide needs the target's layer outputs (forward hooks): run it without compile")
+    if cfg.log is not None:
+        from pnnh.train.loggers import parse_log  # it does not import this module
+
+        try:
+            cfg.log = parse_log(cfg.log)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     cfg.dist_timeout = _as_float("dist_timeout", cfg.dist_timeout, 0.0, strict=True)
     for name in ("weight_decay", "coder_weight_decay", "warmup_epochs"):
         if getattr(cfg, name) is not None:

@@ -27,6 +27,7 @@ more, as a sweep does with its probe curves).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -200,7 +201,9 @@ def parse_log(value: str | Iterable[str] | None) -> str | None:
     """``"tensorboard, wandb"`` (or a list) as the normalised comma list; ValueError names a bad entry."""
     if value is None:
         return None
-    items = value.split(",") if isinstance(value, str) else list(value)
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"log={value!r} must be a comma list of logger names, e.g. tensorboard,wandb")
+    items = value.split(",") if isinstance(value, str) else value
     names = []
     for item in items:
         name = str(item).strip().lower()
@@ -214,9 +217,19 @@ def parse_log(value: str | Iterable[str] | None) -> str | None:
 
 def build_loggers(log: str | None, callbacks: Iterable[Any] = ()) -> list[Logger]:
     """The loggers a config's ``log`` names, writing under the run directory, less those of a
-    backend already among ``callbacks`` (a logger passed in, e.g. with another ``dir``, wins)."""
+    backend already among ``callbacks`` (a logger passed in, e.g. with another ``dir``, wins).
+
+    Raises ``ConfigError`` naming the install command when a backend's package is missing,
+    so a run fails before it writes anything rather than after its setup.
+    """
+    from pnnh.train.config import ConfigError
+
     given = {c.name for c in callbacks if isinstance(c, Logger)}
-    return [LOGGERS[name]() for name in (parse_log(log) or "").split(",") if name and name not in given]
+    names = [name for name in (parse_log(log) or "").split(",") if name and name not in given]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--log {name} needs the {name} package: {HINTS[name]}")
+    return [LOGGERS[name]() for name in names]
 
 
 def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:

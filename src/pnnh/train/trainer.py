@@ -46,6 +46,7 @@ from tqdm import tqdm
 from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, check_creatable_dir, remove_stale_temp_files
 from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_files
 from pnnh.train.callbacks import CallbackList
+from pnnh.train.loggers import LOGGERS, build_loggers
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
 from pnnh.train import distributed as ddp
@@ -53,7 +54,7 @@ from pnnh.train.distributed import DistributedError, rank_and_world
 from pnnh.train.optim import build_optimizer, build_scheduler
 
 # Fields a resumed run may change; any other difference would splice two different runs.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "out",
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "log", "out",
                                "data_dir", "download", "dist_timeout"})
 # Values of fields added after a checkpoint was written: a run saved before them used these.
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
@@ -126,14 +127,18 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     cfg = load_config(config)
     if resume and cfg.out is None:
         raise ConfigError("resume needs the run directory: pass --out DIR (out: in a config)")
+    callbacks = list(callbacks)
+    loggers = build_loggers(cfg.log, callbacks)  # those --log names and callbacks lack; closed here
     created = ddp.init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        return _train(cfg, resume, progress, CallbackList(callbacks))
+        return _train(cfg, resume, progress, CallbackList(callbacks + loggers))
     except RuntimeError as err:
         if isinstance(err, DistributedError) or not ddp.is_collective_failure(err):
             raise
         raise ddp.collective_failure(err, cfg.dist_timeout) from err
     finally:
+        for logger in loggers:
+            logger.close()
         if created:
             ddp.destroy_distributed()
 
@@ -482,8 +487,9 @@ def _checkpoint_to_resume(out: Path) -> dict[str, Any] | None:
     path = out / "last.pt"
     if path.is_file():
         return load_checkpoint(path)
-    if (out / "config.yaml").is_file() and all(p.name in RUN_FILES or p.name.endswith(TEMP_SUFFIX)
-                                               for p in out.iterdir()):
+    # The loggers' folders (tensorboard/, wandb/) are made at the start of training.
+    if (out / "config.yaml").is_file() and all(p.name in RUN_FILES or p.name in LOGGERS
+                                               or p.name.endswith(TEMP_SUFFIX) for p in out.iterdir()):
         return None
     raise ConfigError(f"cannot resume: {path} does not exist and {out} is not a pnnh run directory; "
                       "check --out, or start a new run without --resume")
