@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pnnh.train import train
-from pnnh.train.config import load_config
-from pnnh.train.loggers import TensorBoardLogger, WandbLogger, build_loggers, parse_log
+from pnnh.train.config import TRACKERS, load_config, parse_log
+from pnnh.train.loggers import LOGGERS, TensorBoardLogger, WandbLogger, build_loggers
 
 STEP_LOSSES = [2.0, 1.5, 1.25, 1.0, 0.75, 0.5]
 EPOCHS = [{"epoch": 1, "step": 3, "train_loss": 1.6, "test_acc": 0.5, "lr": 0.1,
@@ -158,8 +158,9 @@ def test_parse_log_normalises_and_names_a_bad_entry():
     assert [type(lg) for lg in build_loggers("tensorboard,wandb")] == [TensorBoardLogger, WandbLogger]
     mine = TensorBoardLogger("elsewhere")  # passed in callbacks=, it replaces the one --log would make
     assert [type(lg) for lg in build_loggers("tensorboard,wandb", [mine, object()])] == [WandbLogger]
-    with pytest.raises(ValueError, match=r"log='mlflow' is not a known logger; choose from tensorboard, wandb"):
+    with pytest.raises(ValueError, match=r"log='mlflow' is not a known tracker; choose from tensorboard, wandb"):
         parse_log("tensorboard,mlflow")
+    assert tuple(LOGGERS) == TRACKERS  # every name the config accepts has its logger
 
 
 SMALL = {"model": "pnnh8", "model_kwargs": {"width": 4}, "data": "digits", "train_subset": 128, "test_subset": 64,
@@ -206,7 +207,7 @@ def test_train_log_bad_name_or_missing_package_fails_before_writing(tmp_path, mo
     out = tmp_path / "run"
     base = ["train", "--model", "pnnh8", "--data", "digits", "--out", str(out)]
     assert main([*base, "--log", "tensorboard,mlflow"]) == 2
-    assert "log='mlflow' is not a known logger; choose from tensorboard, wandb" in capsys.readouterr().err
+    assert "log='mlflow' is not a known tracker; choose from tensorboard, wandb" in capsys.readouterr().err
     real_find_spec = importlib.util.find_spec  # wandb as if not installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     assert main([*base, "--log", "wandb"]) == 2

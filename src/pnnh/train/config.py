@@ -44,6 +44,7 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+TRACKERS = ("tensorboard", "wandb")  # for --log; pnnh.train.loggers implements each
 
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
@@ -249,6 +250,23 @@ def parse_guide(spec: str) -> tuple[str, str | None]:
 def dump_config(cfg: TrainConfig) -> str:
     """The config as YAML text (field order kept)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def parse_log(value: str | list[str] | tuple[str, ...] | None) -> str | None:
+    """``"tensorboard, wandb"`` (or a list) as the normalised comma list of ``TRACKERS``."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, list, tuple)):
+        raise _type_error("log", value, "a comma list of trackers, e.g. tensorboard,wandb")
+    names = []
+    for item in value.split(",") if isinstance(value, str) else value:
+        name = str(item).strip().lower()
+        if name not in TRACKERS:
+            raise ConfigError(f"log={item!r} is not a known tracker; choose from {', '.join(TRACKERS)} "
+                              "(a comma list, e.g. tensorboard,wandb)")
+        if name not in names:
+            names.append(name)
+    return ",".join(names) or None
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,13 +441,7 @@ def _validate(cfg: TrainConfig) -> None:
         parse_guide(_as_str("guide", cfg.guide))
         if cfg.compile:
             raise ConfigError("guide needs the target's layer outputs (forward hooks): run it without compile")
-    if cfg.log is not None:
-        from pnnh.train.loggers import parse_log  # it does not import this module
-
-        try:
-            cfg.log = parse_log(cfg.log)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    cfg.log = parse_log(cfg.log)
     cfg.dist_timeout = _as_float("dist_timeout", cfg.dist_timeout, 0.0, strict=True)
     for name in ("weight_decay", "coder_weight_decay", "warmup_epochs"):
         if getattr(cfg, name) is not None:

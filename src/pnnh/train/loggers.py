@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pnnh.train.callbacks import Callback
+from pnnh.train.config import ConfigError, parse_log
 
 HINTS = {"tensorboard": "pip install 'pnnh[track]' (tensorboard)", "wandb": "pip install wandb"}
 
@@ -194,25 +195,7 @@ class WandbLogger(Logger):
         super().close()
 
 
-LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
-
-
-def parse_log(value: str | Iterable[str] | None) -> str | None:
-    """``"tensorboard, wandb"`` (or a list) as the normalised comma list; ValueError names a bad entry."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, list, tuple)):
-        raise ValueError(f"log={value!r} must be a comma list of logger names, e.g. tensorboard,wandb")
-    items = value.split(",") if isinstance(value, str) else value
-    names = []
-    for item in items:
-        name = str(item).strip().lower()
-        if name not in LOGGERS:
-            raise ValueError(f"log={item!r} is not a known logger; choose from {', '.join(LOGGERS)} "
-                             "(a comma list, e.g. tensorboard,wandb)")
-        if name not in names:
-            names.append(name)
-    return ",".join(names) or None
+LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}  # one per config.TRACKERS
 
 
 def build_loggers(log: str | None, callbacks: Iterable[Any] = ()) -> list[Logger]:
@@ -222,8 +205,6 @@ def build_loggers(log: str | None, callbacks: Iterable[Any] = ()) -> list[Logger
     Raises ``ConfigError`` naming the install command when a backend's package is missing,
     so a run fails before it writes anything rather than after its setup.
     """
-    from pnnh.train.config import ConfigError
-
     given = {c.name for c in callbacks if isinstance(c, Logger)}
     names = [name for name in (parse_log(log) or "").split(",") if name and name not in given]
     for name in names:
