@@ -95,3 +95,11 @@ def test_tune_file_errors_name_the_bad_value(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pnnh", "tune", "--config", str(bad), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("pnnh tune: error: trials=0")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/tune-*.yaml")), ids=lambda p: p.name)
+def test_every_method_gets_the_same_trials_and_lr_warmup_space(path):
+    base, space, trials = load_tune(path)
+    assert trials == 8 and space["lr"] == {"low": 0.003, "high": 0.5, "log": True}
+    assert space["warmup_epochs"] == {"low": 0.0, "high": 1.5}
+    assert base["val_size"] > 0 and pnnh.create_model(base["model"], in_chans=1, **base["model_kwargs"])
