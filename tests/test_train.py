@@ -20,6 +20,7 @@ from pnnh.data import TensorLoader, load_dataset
 from pnnh.models import create_model, list_models, register_model
 from pnnh.train import ConfigError, TrainingDiverged, load_config, resolve_config, train
 from pnnh.io import atomic_write
+from pnnh.train import checkpoint as checkpoint_module
 from pnnh.train.checkpoint import load_checkpoint, save_checkpoint
 from pnnh.train.optim import build_optimizer, lr_factor, param_groups
 
@@ -168,7 +169,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1, "w": torch.arange(4.0)})
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.arange(4.0)}})
 
     def crash(f):
         f.write(b"half a checkpoint")
@@ -182,20 +183,21 @@ def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
 
 def test_crash_while_saving_epoch_checkpoint_then_resume(small_run, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
-    real_save = torch.save
+    real_write = checkpoint_module.atomic_write
     saves = []
 
-    def crash_on_second_last_pt(obj, f, *args, **kwargs):
-        saves.append(Path(f.name).name)
-        if sum(".last.pt." in name for name in saves) == 2:  # epoch 2's last.pt
-            f.write(b"torn")
-            raise RuntimeError("injected crash")
-        real_save(obj, f, *args, **kwargs)
+    def torn(f):
+        f.write(b"torn")
+        raise RuntimeError("injected crash")
 
-    monkeypatch.setattr(torch, "save", crash_on_second_last_pt)
+    def crash_on_second_last_pt(path, write):
+        saves.append(Path(path).name)
+        real_write(path, torn if saves.count("last.pt") == 2 else write)  # epoch 2's last.pt
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write", crash_on_second_last_pt)
     with pytest.raises(RuntimeError, match="injected crash"):
         train({**SMALL, "out": str(out)}, progress=False)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", real_write)
     assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]  # logged before the failed save

@@ -38,7 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None:
+        if isinstance(err, OSError) and err.strerror and err.filename is None:
             err.filename = str(path)  # a full disk's error names no file by itself
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
@@ -131,7 +131,7 @@ def append_json_line(path: str | Path, record: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        if err.filename is None:
+        if err.strerror and err.filename is None:
             err.filename = str(path)  # a full disk's error names no file by itself
         raise
 
