@@ -237,9 +237,15 @@ def _read_digits(name: str, **_) -> _Raw:
     # sklearn's pixels are 0..16 ink counts; scale to the 0..255 range of every other dataset.
     x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     y = digits.target.astype(np.int64)
-    test = balanced_indices(y, round(len(y) / 4), np.random.default_rng(_DIGITS_SPLIT_SEED))
-    train = np.setdiff1d(np.arange(len(y)), test)
+    train, test = quarter_test_split(y)
     return _Raw(x[train], y[train], x[test], y[test], 10)
+
+
+def quarter_test_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices for data without a published split: a fixed class-balanced quarter
+    is the test set, the same for every seed."""
+    test = balanced_indices(y, round(len(y) / 4), np.random.default_rng(_DIGITS_SPLIT_SEED))
+    return np.setdiff1d(np.arange(len(y)), test), test
 
 
 def _read_synthetic(name: str, seed: int, synthetic_shape: tuple[int, int, int], synthetic_size: int,
@@ -382,7 +388,13 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
                  num_classes=num_classes)
     if num_classes is not None and num_classes != raw.num_classes:
         raise ValueError(f"num_classes={num_classes} but {name} has {raw.num_classes} classes")
+    return splits_from_raw(name, raw, hflip, val_size=val_size, seed=seed, train_subset=train_subset,
+                           test_subset=test_subset, img_size=img_size)
 
+
+def splits_from_raw(name: str, raw: _Raw, hflip: bool, *, val_size: int, seed: int, train_subset: int | None,
+                    test_subset: int | None, img_size: int | None) -> DataSplits:
+    """Split, subset and resize ``raw`` as :func:`load_dataset` describes; statistics from train."""
     train, val, test = split_indices(name, raw.train_y, raw.test_y, val_size=val_size, seed=seed,
                                      train_subset=train_subset, test_subset=test_subset)
     train_x, train_y, test_x, test_y = raw.train_x[train], raw.train_y[train], raw.test_x[test], raw.test_y[test]
