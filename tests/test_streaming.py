@@ -4,11 +4,13 @@ DataLoader worker processes, determinism, resume mid-epoch, the augmentation, ba
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from pnnh.data import DatasetFormatError, TensorLoader
@@ -231,3 +233,21 @@ def test_make_loader_serves_both_kinds_of_dataset(splits):
     streamed = make_loader(splits, "test", 64, train=False, first=100, crop_pad=4)
     assert isinstance(streamed, StreamingLoader) and len(streamed) == 2
     assert torch.equal(next(iter(streamed))[1], torch.from_numpy(splits.test.labels[:64]))
+
+
+def test_train_streams_a_folder_beyond_the_memory_budget_and_resumes(folder, tmp_path):
+    from pnnh.train.trainer import train
+
+    cfg = {"model": "resnet8", "data": "folder", "data_dir": str(folder), "img_size": SIZE, "train_subset": 512,
+           "test_subset": 100, "batch_size": 128, "epochs": 1, "memory_budget_gb": 0.001, "workers": 1,
+           "device": "cpu", "precision": "fp32", "out": str(tmp_path / "run")}
+    first = train(cfg, progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["stream"] is True and saved["workers"] == 1  # auto chose streaming: 1.8 MB > 1 MB
+    assert first.metrics["epoch"] == 1 and 0 < first.metrics["test_acc"] <= 1
+    again = train({**cfg, "epochs": 2}, resume=True, progress=False)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2] and again.metrics["epoch"] == 2
+    memory = train({**cfg, "memory_budget_gb": 8.0, "out": str(tmp_path / "memory")}, progress=False)
+    assert yaml.safe_load((tmp_path / "memory" / "config.yaml").read_text())["stream"] is False
+    assert memory.metrics["epoch"] == 1

@@ -51,13 +51,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from .datasets import DataSplits, _channel_stats, folder_splits, split_indices
 from .formats import IMAGE_EXTENSIONS, DatasetFormatError, decode_image, list_image_folder
 from .loader import TensorLoader, check_sharding, epoch_generator, normalizer, num_steps, step_ranges
 
 __all__ = ["ImageIndex", "StreamSplits", "StreamingLoader", "index_split", "load_streaming", "write_shards",
-           "make_image_folder", "decoded_bytes", "stream_choice", "make_loader"]
+           "make_image_folder", "decoded_bytes", "stream_choice", "make_loader", "split_size", "default_workers"]
 
 SCALE, RATIO, EVAL_CROP = (0.08, 1.0), (3 / 4, 4 / 3), 0.875
 STATS_IMAGES = 512  # images decoded to estimate the channel mean and std
@@ -425,6 +426,19 @@ class StreamingLoader:
             yield torch.addcmul(self._shift, xb.float(), self._scale), yb.to(self.device, non_blocking=non_blocking)
 
 
+def split_size(splits: DataSplits | StreamSplits, split: str) -> int:
+    """Images in ``split`` ("train", "val" or "test") of either kind of dataset; 0 when it has none."""
+    data = getattr(splits, split) if isinstance(splits, StreamSplits) else getattr(splits, f"{split}_y")
+    return 0 if data is None else len(data)
+
+
+def default_workers() -> int:
+    """Decoding workers for one training process: the CPUs this process may use, shared by the
+    processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at least 1, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def make_loader(splits: DataSplits | StreamSplits, split: str, batch_size: int, *, train: bool,
                 first: int | None = None, crop_pad: int = 0, workers: int = 0,
                 **kwargs) -> TensorLoader | StreamingLoader:
@@ -462,6 +476,7 @@ def write_shards(split: str | os.PathLike, out: str | os.PathLike, per_shard: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shards = []
+    bar = tqdm(total=len(index), desc=f"sharding {Path(split).name}", unit="img", leave=False)
     for s, lo in enumerate(range(0, len(index), per_shard)):
         path = out / f"shard-{s:06d}.tar"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -472,8 +487,10 @@ def write_shards(split: str | os.PathLike, out: str | os.PathLike, per_shard: in
                     info = tarfile.TarInfo(name)
                     info.size, info.mode = len(data), 0o644
                     tar.addfile(info, io.BytesIO(data))
+                bar.update()
         os.replace(tmp, path)
         shards.append(path)
+    bar.close()
     return shards, classes
 
 

@@ -43,7 +43,8 @@ from pnnh.train.config import ConfigError, TrainConfig, load_config
 PROBE_IMAGES = 256
 # Train settings that change how a cell runs, not what it learns: processes sharing one sweep
 # directory may differ in them (e.g. one compiled, one not; each cell's config.yaml says which).
-EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout", "log"})
+EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout", "workers",
+                            "memory_budget_gb", "log"})
 
 
 @dataclass

@@ -68,6 +68,9 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     img_size: int | None = None
+    stream: bool | str = "auto"  # read a folder dataset from disk as training goes (pnnh.data.streaming)
+    memory_budget_gb: float = 8.0  # stream: auto streams data whose decoded images exceed this
+    workers: int | None = None  # streaming: DataLoader worker processes (None: CPUs per process, <= 8)
     train_subset: int | None = None
     test_subset: int | None = None
     val_size: int = 0
@@ -146,13 +149,15 @@ def load_config(
     return TrainConfig(**values)
 
 
-def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_on_cpu: bool = True) -> TrainConfig:
+def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_on_cpu: bool = True,
+                   streamed: bool = False) -> TrainConfig:
     """Return a copy of ``cfg`` with every family- or machine-dependent field made concrete.
 
     ``family`` is the model's family ("cnn", "vit", "mlp"), ``img_size`` the dataset's image
     side in pixels; ``channels_last_on_cpu=False`` makes ``channels_last="auto"`` choose NCHW
-    on the CPU (a model's ``prefers_channels_last_on_cpu``). Raises ``ConfigError`` when the
-    requested device cannot be used.
+    on the CPU (a model's ``prefers_channels_last_on_cpu``); ``streamed``: whether the data is
+    read from disk (``stream: auto`` decided by ``pnnh.data.streaming.stream_choice``). Raises
+    ``ConfigError`` when the requested device cannot be used.
     """
     if family not in FAMILY_DEFAULTS:
         raise ConfigError(f"unknown model family {family!r}; expected one of {sorted(FAMILY_DEFAULTS)}")
@@ -183,6 +188,7 @@ def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_o
         precision=resolve_precision(cfg.precision, device),
         channels_last=(family == "cnn" and (channels_last_on_cpu or device != "cpu")
                        if cfg.channels_last == "auto" else cfg.channels_last),
+        stream=streamed if cfg.stream == "auto" else cfg.stream,
         out=cfg.out or default_out_dir(cfg.model, cfg.data),
     )
 
@@ -425,6 +431,11 @@ def _validate(cfg: TrainConfig) -> None:
     cfg.val_size = _as_int("val_size", cfg.val_size, 0)
     cfg.seed = _as_int("seed", cfg.seed, 0, 2**32 - 1)  # numpy's seed range
     cfg.probe_every = _as_int("probe_every", cfg.probe_every, 0)
+    if not (isinstance(cfg.stream, bool) or cfg.stream == "auto"):
+        raise _type_error("stream", cfg.stream, "auto, true or false")
+    cfg.memory_budget_gb = _as_float("memory_budget_gb", cfg.memory_budget_gb, 0.0, strict=True)
+    if cfg.workers is not None:
+        cfg.workers = _as_int("workers", cfg.workers, 0)
     for name, minimum in (("img_size", 1), ("train_subset", 1), ("test_subset", 1), ("crop_pad", 0), ("max_steps", 1)):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_int(name, getattr(cfg, name), minimum))

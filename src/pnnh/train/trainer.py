@@ -55,7 +55,7 @@ from pnnh.train.optim import build_optimizer, build_scheduler
 
 # Fields a resumed run may change; any other difference would splice two different runs.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "log", "out",
-                               "data_dir", "download", "dist_timeout"})
+                               "data_dir", "download", "dist_timeout", "workers", "memory_budget_gb"})
 # Values of fields added after a checkpoint was written: a run saved before them used these.
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                   if f.default is not dataclasses.MISSING}
@@ -163,6 +163,7 @@ class _Run:
     extras: _Extras
     state: _RunState
     num_train: int
+    data_source: str  # in memory or streamed, and why
     step_model: nn.Module | None = None
     eval_model: nn.Module | None = None
     params: int = 0
@@ -184,7 +185,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackLi
     cfg, out, is_main = run.cfg, run.out, run.is_main
 
     say = tqdm.write if progress and is_main else (lambda _msg: None)
-    say(f"{cfg.model} ({run.params:,} params) on {cfg.data}: {run.num_train:,} train images, "
+    say(f"{cfg.model} ({run.params:,} params) on {cfg.data}: {run.num_train:,} train images {run.data_source}, "
         f"{run.steps_per_epoch} steps/epoch, {cfg.device} {cfg.precision} -> {out}")
     callbacks.on_train_start({"config": cfg, "model": run.model, "out_dir": str(out), "params": run.params,
                               "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
@@ -217,7 +218,8 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     Nothing is written yet: every ``ConfigError`` is raised before the first file.
     """
     from pnnh.models import create_model
-    from pnnh.data import TensorLoader, load_dataset
+    from pnnh.data import load_dataset
+    from pnnh.data.streaming import default_workers, load_streaming, make_loader, split_size, stream_choice
 
     rank, world = rank_and_world()
     # Every rank names the same directory (a default name holds a timestamp: take rank 0's).
@@ -228,19 +230,24 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     ckpt = ddp.on_main(lambda: _checkpoint_to_resume(out) if resume else _refuse_non_empty(out))
 
     _seed_everything(cfg.seed)
+    subsets = {"val_size": cfg.val_size, "seed": cfg.seed, "train_subset": cfg.train_subset,
+               "test_subset": cfg.test_subset, "img_size": cfg.img_size}
     try:
-        splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, val_size=cfg.val_size,
-                              seed=cfg.seed, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                              img_size=cfg.img_size)
+        stream, source = stream_choice(cfg.stream, cfg.data, cfg.data_dir, cfg.img_size, cfg.memory_budget_gb)
+        splits = (load_streaming(cfg.data_dir, **subsets) if stream else
+                  load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, **subsets))
     except (ValueError, OSError) as err:
         raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
+    workers = (cfg.workers if cfg.workers is not None else default_workers()) if stream else cfg.workers
+    cfg = dataclasses.replace(cfg, workers=workers)  # config.yaml says how many ran
     try:
         model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.in_chans,
                              img_size=splits.img_size, **cfg.model_kwargs)
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
     model.pretrained_cfg.update(mean=list(splits.mean), std=list(splits.std))  # saved with its weights
-    cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True))
+    cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True),
+                         streamed=stream)
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
     if cfg.sync_bn:
@@ -252,24 +259,20 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    norm = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": cfg.channels_last,
-            "rank": rank, "world_size": world}
+    norm = {"device": device, "channels_last": cfg.channels_last, "rank": rank, "world_size": world,
+            "workers": cfg.workers or 0}
     try:
-        train_loader = TensorLoader(splits.train_x, splits.train_y, batch, train=True,
-                                    crop_pad=cfg.crop_pad, hflip=splits.hflip, seed=cfg.seed, **norm)
+        train_loader = make_loader(splits, "train", batch, train=True, crop_pad=cfg.crop_pad, seed=cfg.seed, **norm)
     except ValueError:  # a batch larger than the training set
-        n = len(splits.train_y)
+        n = split_size(splits, "train")
         over = f" over {world} processes" if world > 1 else ""
         raise ConfigError(f"batch_size={cfg.batch_size}{over} is more than the {n} training images of {cfg.data!r}: "
                           f"pass --batch-size {n - n % world} or less") from None
     # Evaluation keeps no activations for backward, so it affords twice the batch. Each rank
     # evaluates its shard of the split; _evaluate all-reduces the sums.
-    eval_sets = {"test": (splits.test_x, splits.test_y)}
-    if splits.val_x is not None:
-        eval_sets = {"val": (splits.val_x, splits.val_y), **eval_sets}
     try:
-        eval_loaders = {name: TensorLoader(x, y, 2 * batch, train=False, **norm)
-                        for name, (x, y) in eval_sets.items()}
+        eval_loaders = {name: make_loader(splits, name, 2 * batch, train=False, **norm)
+                        for name in ("val", "test") if split_size(splits, name)}
     except ValueError as err:  # fewer images than ranks
         raise ConfigError(f"cannot split the evaluation data of {cfg.data!r} over {world} processes: {err}") from err
 
@@ -282,10 +285,11 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     run = _Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, train_loader=train_loader,
                eval_loaders=eval_loaders, select="val_acc" if "val" in eval_loaders else "test_acc",
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, optimizer=optimizer, scheduler=scheduler,
-               extras=_Extras(model, cfg, splits, device), state=_RunState(), num_train=len(splits.train_y))
+               extras=_Extras(model, cfg, splits, device), state=_RunState(), num_train=split_size(splits, "train"),
+               data_source=source)
     if cfg.probe_every > 0:
-        probe_loader = TensorLoader(splits.test_x[:PROBE_BATCH], splits.test_y[:PROBE_BATCH], PROBE_BATCH,
-                                    train=False, **norm)
+        probe_loader = make_loader(splits, "test", PROBE_BATCH, train=False, first=PROBE_BATCH,
+                                   **{**norm, "workers": 0})
         run.probe_batch = next(iter(probe_loader))
     return run, ckpt
 
