@@ -15,7 +15,7 @@ from pnnh.models.pretrained import load_pretrained, model_config
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FIXED: dict[str, dict] = {}  # keyword arguments a registered name pins (e.g. depth for pnnh56)
-SIZE_ARGS = ("depth", "width", "num_classes", "in_chans", "img_size")  # timm's shared sizes: positive ints
+SIZE_ARGS = ("width", "num_classes", "in_chans", "img_size")  # timm's shared sizes (depth: each family says what is valid)
 
 
 class UnknownModelError(ValueError):
