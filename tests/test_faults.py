@@ -116,8 +116,8 @@ READERS = {  # where a checkpoint is read -> the command, given the run director
     "probe": lambda run, tmp: ["probe", "--models", "pnnh8", "--checkpoint", run, "--out", tmp / "probe"],
     "guide": lambda run, tmp: ["train", *TINY, "--guide", f"pnnh8:{run}", "--out", tmp / "guided"],
 }  # and pnnh.load, the Python call they share: test_pnnh_load_refuses_a_bad_checkpoint
-WHAT = {"malicious": "refused to unpickle it (Trying to load unsupported GLOBAL posix.system", "truncated": "is not a pnnh checkpoint",
-        "foreign": "is not a pnnh checkpoint"}
+WHAT = {"malicious": "refused to unpickle it (Trying to load unsupported GLOBAL posix.system",
+        "truncated": "is not a pnnh checkpoint", "foreign": "is not a pnnh checkpoint"}
 
 
 WEIGHTS = ("best.pt", "last.pt", "model.safetensors")  # every file a run's weights may be read from
@@ -267,7 +267,8 @@ def fsync_on_a_small_disk(fsync):
 
 def test_disk_full_while_saving_is_one_line_and_leaves_no_temp_file(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync_on_a_small_disk(os.fsync))
-    fails_cleanly(capsys, ["train", *TINY, "--out", tmp_path / "run"], f"{tmp_path / 'run'}/", "No space left on device")
+    fails_cleanly(capsys, ["train", *TINY, "--out", tmp_path / "run"], f"{tmp_path / 'run'}/",
+                  "No space left on device")
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 

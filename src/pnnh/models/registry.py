@@ -15,7 +15,8 @@ from pnnh.models.pretrained import load_pretrained, model_config
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FIXED: dict[str, dict] = {}  # keyword arguments a registered name pins (e.g. depth for pnnh56)
-SIZE_ARGS = ("width", "num_classes", "in_chans", "img_size")  # timm's shared sizes (depth: each family says what is valid)
+# timm's shared sizes, checked once here (depth is each family's to check: it names the valid depths)
+SIZE_ARGS = ("width", "num_classes", "in_chans", "img_size")
 
 
 class UnknownModelError(ValueError):
