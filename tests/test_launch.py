@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pnnh.cli import main
 from pnnh.experiments.launch import ClusterOptions, cluster_options, job_states, submit_sweep
 from pnnh.experiments.report import write_report
 from pnnh.experiments.sweep import load_sweep, read_cells
@@ -45,20 +46,22 @@ def epochs_logged(cell_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines if line.strip().endswith("}")]
 
 
-def test_two_cells_on_digits_run_as_jobs_to_completion(tmp_path):
-    spec = load_sweep(families=["resnet", "pnnh"], depths=[8], seeds=1, train={**TINY, "epochs": 2})
-    options = dataclasses.replace(OPTIONS, cells_per_job=2)
-    jobs = submit_sweep(spec, tmp_path, options, cluster="local", command="pnnh sweep (test)")
-    assert len(jobs) == 1  # both cells in one job (one job per cell by default)
-    records = [r for job in jobs for r in job.result()]
+def test_two_cells_on_digits_run_as_jobs_to_completion(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--launcher", "submitit-local", "--families", "resnet,pnnh", "--depths", "8", "--seeds", "1",
+            "--data", "digits", "--img-size", "8", "--epochs", "2", "--device", "cpu", "--precision", "fp32",
+            "--gpus", "0", "--cpus", "1", "--time", "60", "--cells-per-job", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "submitted 1 job(s) to local" in printed and "report:" in printed  # both cells in one job
+    records = read_cells(out)
     assert sorted(r["id"] for r in records) == ["pnnh-d8-s0", "resnet-d8-s0"]
     assert all(r["status"] == "ok" and r["epochs"] == 2 for r in records)
-    assert {c["id"] for c in read_cells(tmp_path)} == {"pnnh-d8-s0", "resnet-d8-s0"}
-    states = job_states(tmp_path)
+    states = job_states(out)
     assert {s["state"] for s in states.values()} == {"finished"} and all(s["starts"] == 1 for s in states.values())
-    report = write_report(tmp_path).read_text()
+    report = (out / "report.md").read_text()
     assert "| resnet | 8 |" in report and "| pnnh | 8 |" in report and "Part-way" not in report
-    assert submit_sweep(spec, tmp_path, OPTIONS, cluster="local") == []  # nothing left to submit
+    assert main(argv) == 0 and "nothing to submit" in capsys.readouterr().out
 
 
 def job_log(out: Path) -> str:
@@ -100,7 +103,7 @@ def test_preempted_job_is_requeued_and_a_killed_one_resubmitted_both_resume(tmp_
     assert job_states(out)["long-d8-s0"]["starts"] == 3
 
 
-def test_cluster_options_and_bad_values(tmp_path):
+def test_cluster_options_and_bad_values(tmp_path, capsys):
     opts = cluster_options({"partition": "gpu", "time": 60, "array_size": 4}, {"gpus": 2, "time": None})
     assert (opts.partition, opts.time, opts.array_size, opts.gpus) == ("gpu", 60, 4, 2)
     with pytest.raises(ConfigError, match="unknown cluster keys \\['partion'\\]"):
@@ -110,3 +113,10 @@ def test_cluster_options_and_bad_values(tmp_path):
     spec = load_sweep(families=["resnet"], depths=[8], seeds=1, train={**TINY, "epochs": 1})
     with pytest.raises(ConfigError, match="cannot submit to slurm: .*srun"):
         submit_sweep(spec, tmp_path, OPTIONS, cluster="slurm")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sweep: {families: [resnet], depths: [8]}\ntrain: {data: digits}\ncluster: {gpus: -1}\n")
+    for extra, message in ((["--config", str(recipe)], "cluster option gpus must be an integer >= 0, got -1"),
+                           (["--shard", "0/2"], "--shard splits a sweep over local processes")):
+        argv = ["sweep", "--launcher", "slurm", "--families", "resnet", "--depths", "8", "--data", "digits",
+                "--out", str(tmp_path / "x"), *extra]
+        assert main(argv) == 2 and message in capsys.readouterr().err

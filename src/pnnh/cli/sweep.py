@@ -17,6 +17,9 @@ DEMO = {  # plain, resnet and pnnh at a shallow and a deep depth, in well under 
 }
 
 
+LAUNCHERS = ("local", "slurm", "submitit-local")
+CLUSTER_FLAGS = ("partition", "gpus", "cpus", "time", "array_size", "cells_per_job")
+
 # TrainConfig fields each cell sets itself (seed from --seeds, out under the sweep's --out).
 CELL_FIELDS = ("model", "seed", "out")
 
@@ -55,6 +58,18 @@ def register(sub) -> None:
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
                         "on the same --out, e.g. with OMP_NUM_THREADS=1 each on an N-core machine")
+    c = p.add_argument_group("cluster jobs (--launcher slurm or submitit-local; flags override the recipe's cluster:)")
+    c.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: train here (default); slurm: submit one job per cell with submitit and return; "
+                        "submitit-local: the same jobs as processes on this machine, waited for")
+    c.add_argument("--partition", help="Slurm partition")
+    c.add_argument("--gpus", type=int, help="GPUs per job (default 1)")
+    c.add_argument("--cpus", type=int, help="CPUs per job (default 8)")
+    c.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job (default 240); a longer cell "
+                                                                "goes on in the requeued job")
+    c.add_argument("--array-size", type=int, help="at most this many jobs of the array at once")
+    c.add_argument("--cells-per-job", type=int, help="cells trained one after another in one job (default 1)")
+    c.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then write the report")
     # Every training setting a cell does not set itself, for every cell (overrides the recipe's train:).
     p.set_defaults(func=run_sweep_command, train_flags=add_config_flags(p.add_argument_group("training (every cell)"),
                                                                         skip=CELL_FIELDS))
@@ -72,8 +87,7 @@ def register(sub) -> None:
 
 
 def run_sweep_command(args) -> int:
-    from pnnh.experiments.report import aggregate, format_console_table, write_report
-    from pnnh.experiments.sweep import failure_summary, load_sweep, run_sweep
+    from pnnh.experiments.sweep import load_sweep, run_sweep
 
     train = config_overrides(args, args.train_flags)
     try:
@@ -84,11 +98,47 @@ def run_sweep_command(args) -> int:
             k = argv.index("--shard")
             argv = argv[:k] + argv[k + 2:]
         command = "pnnh " + " ".join(shlex.quote(a) for a in argv)
+        if args.launcher != "local":
+            return _submit(args, spec, command)
         records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed, shard=args.shard)
     except ConfigError as err:
         print(f"pnnh sweep: error: {err}", file=sys.stderr)
         return 2
-    report = write_report(args.out)
+    return _finish(args.out, records)
+
+
+def _submit(args, spec, command: str) -> int:
+    """``pnnh sweep --launcher slurm|submitit-local``: submit the cells still to train as jobs."""
+    from pnnh.experiments.launch import cluster_options, submit_sweep
+    from pnnh.experiments.sweep import read_cells
+
+    if args.shard != (0, 1):
+        raise ConfigError("--shard splits a sweep over local processes; with --launcher each cell is its own job")
+    options = cluster_options(spec.cluster, {k: getattr(args, k) for k in CLUSTER_FLAGS})
+    cluster = "slurm" if args.launcher == "slurm" else "local"
+    jobs = submit_sweep(spec, args.out, options, cluster=cluster, command=command, retry_failed=args.retry_failed)
+    if not jobs:
+        print(f"nothing to submit: every cell of {args.out} is recorded or being trained (`pnnh report {args.out}`)")
+        return 0
+    print(f"submitted {len(jobs)} job(s) to {cluster} ({', '.join(str(j.job_id) for j in jobs)}); logs in "
+          f"{args.out}/.jobs/logs; progress: `pnnh report {args.out}`; after scancel or a lost node, run this "
+          "command again to submit the unfinished cells")
+    if cluster == "slurm" and not args.wait:
+        return 0
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as err:  # a job that ended without its result (killed): the cells say the rest
+            print(f"pnnh sweep: job {job.job_id} ended without a result: {str(err).splitlines()[0]}", file=sys.stderr)
+    return _finish(args.out, read_cells(args.out))
+
+
+def _finish(out, records: list[dict]) -> int:
+    """Write the report, print the table; exit status 1 when a cell failed."""
+    from pnnh.experiments.report import aggregate, format_console_table, write_report
+    from pnnh.experiments.sweep import failure_summary
+
+    report = write_report(out)
     print(format_console_table(aggregate(records)))
     print(f"report: {report}")
     failed = failure_summary(records)

@@ -72,6 +72,7 @@ class SweepSpec:
     depths: list[int]
     seeds: list[int]
     train: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)  # how jobs run (pnnh.experiments.launch), not what cells learn
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -101,9 +102,9 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read sweep config {path}: {err}") from None
-        unknown = set(raw) - {"sweep", "train"}
+        unknown = set(raw) - {"sweep", "train", "cluster"}
         if unknown:
-            raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: sweep, train")
+            raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: sweep, train, cluster")
     section = dict(raw.get("sweep") or {})
     unknown = set(section) - {"families", "variants", "depths", "seeds"}
     if unknown:
@@ -130,7 +131,8 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
         raise ConfigError(f"seeds={seeds_value!r}: give a count >= 1 or a list of non-negative integers")
     if not all(isinstance(d, int) and d > 0 for d in depths):
         raise ConfigError(f"depths={depths!r}: give positive integers, e.g. 20,56,110")
-    spec = SweepSpec(variants, depths, seed_list, {**(raw.get("train") or {}), **(train or {})})
+    spec = SweepSpec(variants, depths, seed_list, {**(raw.get("train") or {}), **(train or {})},
+                     dict(raw.get("cluster") or {}))
     return spec
 
 
