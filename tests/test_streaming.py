@@ -251,3 +251,17 @@ def test_train_streams_a_folder_beyond_the_memory_budget_and_resumes(folder, tmp
     memory = train({**cfg, "memory_budget_gb": 8.0, "out": str(tmp_path / "memory")}, progress=False)
     assert yaml.safe_load((tmp_path / "memory" / "config.yaml").read_text())["stream"] is False
     assert memory.metrics["epoch"] == 1
+
+
+def test_cli_writes_a_generated_folder_and_its_shards(tmp_path, capsys):
+    from pnnh.cli import main
+
+    assert main(["data", "make-folder", str(tmp_path / "f"), "--train", "30", "--test", "10", "--classes", "3",
+                 "--size", "20", "12", "--ext", ".jpg"]) == 0
+    assert main(["data", "shards", str(tmp_path / "f"), str(tmp_path / "s"), "--per-shard", "8"]) == 0
+    assert "train/ and val/ as tar shards (3 classes)" in capsys.readouterr().out
+    s = load_streaming(tmp_path / "s", img_size=8)
+    assert (len(s.train), len(s.test), s.num_classes, len(s.train.files)) == (30, 10, 3, 4)
+    assert s.train.image(0).size == (20, 12)
+    assert main(["data", "shards", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "dataset 'folder' needs a data_dir" in capsys.readouterr().err

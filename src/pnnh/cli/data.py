@@ -1,10 +1,12 @@
-"""`pnnh data`: list the datasets, download one, or describe one as pnnh loads it."""
+"""`pnnh data`: list the datasets, download one, describe one as pnnh loads it, convert a class-folder
+dataset to webdataset tar shards, or write a generated class-folder dataset to try things on."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from pnnh.data.datasets import DATA_ENV, default_cache_dir, list_datasets, load_dataset
 from pnnh.data.download import BASE_URL_ENV, SHA256, download
@@ -25,6 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--data-dir")
     info.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     info.add_argument("--img-size", type=int)
+    sh = sub.add_parser("shards", help="copy a class-folder dataset (DIR/train, DIR/val) into webdataset tar shards")
+    sh.add_argument("src", help="folder dataset: SRC/train/<class>/<image> and SRC/val (or test)")
+    sh.add_argument("dest", help="writes DEST/train/shard-NNNNNN.tar and DEST/val (or test)")
+    sh.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000)")
+    mk = sub.add_parser("make-folder", help="write a generated class-folder dataset (coloured noise, 10 classes)")
+    mk.add_argument("dest")
+    mk.add_argument("--train", type=int, default=2000, help="train images (default 2000)")
+    mk.add_argument("--test", type=int, default=400, help="val images (default 400)")
+    mk.add_argument("--classes", type=int, default=10)
+    mk.add_argument("--size", type=int, nargs=2, default=(16, 16), metavar=("W", "H"), help="pixels (default 16 16)")
+    mk.add_argument("--ext", choices=(".png", ".jpg"), default=".png")
     parser.set_defaults(func=run)
 
 
@@ -41,6 +54,19 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         print("\n".join(list_datasets()))
+    elif args.data_command == "shards":
+        from pnnh.data.datasets import folder_splits
+        from pnnh.data.streaming import write_shards
+
+        train, test = folder_splits(args.src)
+        _, classes = write_shards(train, Path(args.dest) / "train", args.per_shard)
+        write_shards(test, Path(args.dest) / test.name, args.per_shard, classes)
+        print(f"{args.dest}: train/ and {test.name}/ as tar shards ({len(classes)} classes)")
+    elif args.data_command == "make-folder":
+        from pnnh.data.streaming import make_image_folder
+
+        print(make_image_folder(args.dest, train=args.train, test=args.test, classes=args.classes,
+                                size=tuple(args.size), ext=args.ext))
     elif args.data_command == "download":
         root = args.data_dir or os.environ.get(DATA_ENV) or default_cache_dir()
         print(download(args.name, root, base_url=args.base_url))
