@@ -227,3 +227,26 @@ def test_sweep_cells_log_training_and_probe_curves(tmp_path):
     assert len(scalars["train/loss"]) == 4  # 128 images / 32
     for stage in ("init", "end"):
         assert [v for _, v in scalars[f"probe_curve/{stage}/cka"]] == pytest.approx(record["probe"][stage]["cka"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_its_logger_folder(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install 'pnnh[track]'")
+
+    class Kill(Exception):
+        pass
+
+    class KillAtStep2:
+        def on_step(self, step, loss):
+            if step == 2:
+                raise Kill
+
+    out, cfg = tmp_path / "run", {**SMALL, "probe_every": 0, "epochs": 1, "log": "tensorboard"}
+    with pytest.raises(Kill):
+        train({**cfg, "out": str(out)}, progress=False, callbacks=[KillAtStep2()])
+    assert (out / "tensorboard").is_dir() and not (out / "last.pt").exists()
+    # The folder the logger made does not make the directory "not a pnnh run": it restarts.
+    train({**cfg, "out": str(out)}, resume=True, progress=False)
+    steps = [s for s, _ in tensorboard_scalars(out / "tensorboard")["train/loss"]]
+    # The killed attempt's step 1 (flushed: the trainer closes its loggers on any exit; step 2
+    # raised in the user callback, before the logger's turn), then the whole run's steps.
+    assert steps == [1, 1, 2, 3, 4]
