@@ -66,6 +66,7 @@ def test_fold_matches_imagenet_layouts_with_projection_shortcuts_and_maxpool_ste
     assert_folds(name, x, width=4)
 
 
+# Each differs from the default (the default layer is folded by the tests above).
 PNNH_OPTIONS = [
     {"coder_sharing": "none"},
     {"coder_init": "copy"},
@@ -73,9 +74,9 @@ PNNH_OPTIONS = [
     {"coder_init": "kaiming"},
     {"coder_init": "orthogonal"},
     {"coder_form": "looks-linear"},
-    {"coder_kernel": 1},
+    {"coder_kernel": 3},
     {"coder_fusion": "sum"},
-    {"coder_norm": "none"},
+    {"coder_norm": "bn"},
     {"coder_norm": "stage_end"},
     {"coder_ratio": 0.25},
 ]
