@@ -1,6 +1,6 @@
 """Sweep cells as cluster jobs: Slurm through submitit, or submitit's local processes.
 
-    pnnh sweep --config configs/cifar10-confirmation-slurm.yaml --launcher slurm --out /shared/runs/c10 \\
+    pnnh sweep --config configs/pnnh-confirmation-cifar10-slurm.yaml --launcher slurm --out /shared/runs/c10 \\
         --partition gpu --gpus 1 --time 240 --array-size 16
 
 Each job trains its cells with the same ``run_sweep`` a local sweep uses, in the same sweep
