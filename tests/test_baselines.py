@@ -1,4 +1,4 @@
-"""The alternatives to residual learning (issue 7): each method's defining property, the zoo's
+"""The alternatives to residual learning (the baselines): each method's defining property, the zoo's
 forward/backward checks on every new name, and that each method trains on digits."""
 from __future__ import annotations
 

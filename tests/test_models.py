@@ -22,7 +22,7 @@ def small_kwargs(name: str) -> dict:
     return SMALL["imagenet"] if name[-2:] in IMAGENET else SMALL["cnn"]
 
 
-# The plain / residual / PNNH families; the baselines of issue 7 have tests of their own
+# The plain / residual / PNNH kinds; the other ways to train deep nets (baselines) have tests of their own
 # (zero-initialised branches legitimately give some parameters no gradient at init).
 ALL_MODELS = [n for n in pnnh.list_models() if n.startswith(("plain", "resnet", "pnnh", "vit", "residual_mlp"))]
 
