@@ -53,6 +53,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from pnnh.io import atomic_write
+
 from .datasets import DataSplits, _channel_stats, folder_splits, split_indices
 from .formats import IMAGE_EXTENSIONS, DatasetFormatError, decode_image, list_image_folder
 from .loader import TensorLoader, check_sharding, epoch_generator, normalizer, num_steps, step_ranges
@@ -467,8 +469,8 @@ def write_shards(split: str | os.PathLike, out: str | os.PathLike, per_shard: in
 
     Sample i becomes ``{i:08d}.<ext>`` (the image's bytes, unchanged) and ``{i:08d}.cls``
     (its class index), ``per_shard`` samples per ``shard-NNNNNN.tar``; ``classes`` numbers
-    a val split as its train split. Each shard is written under a temporary name and renamed
-    when complete. Returns the shards and the class names.
+    a val split as its train split. Each shard is written atomically (``pnnh.io.atomic_write``).
+    Returns the shards and the class names.
     """
     if not isinstance(per_shard, int) or per_shard < 1:
         raise ValueError(f"per_shard must be an int >= 1, got {per_shard!r}")
@@ -479,19 +481,21 @@ def write_shards(split: str | os.PathLike, out: str | os.PathLike, per_shard: in
     bar = tqdm(total=len(index), desc=f"sharding {Path(split).name}", unit="img", leave=False)
     for s, lo in enumerate(range(0, len(index), per_shard)):
         path = out / f"shard-{s:06d}.tar"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(lo, min(lo + per_shard, len(index))):
-                ext = Path(os.fsdecode(index.files[index.file[i]])).suffix.lower()
-                for name, data in ((f"{i:08d}{ext}", index.read(i)), (f"{i:08d}.cls", b"%d" % index.labels[i])):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode = len(data), 0o644
-                    tar.addfile(info, io.BytesIO(data))
-                bar.update()
-        os.replace(tmp, path)
+        atomic_write(path, lambda f, lo=lo: _write_shard(f, index, range(lo, min(lo + per_shard, len(index))), bar))
         shards.append(path)
     bar.close()
     return shards, classes
+
+
+def _write_shard(f, index: ImageIndex, samples: range, bar: tqdm) -> None:
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in samples:
+            ext = Path(os.fsdecode(index.files[index.file[i]])).suffix.lower()
+            for name, data in ((f"{i:08d}{ext}", index.read(i)), (f"{i:08d}.cls", b"%d" % index.labels[i])):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+            bar.update()
 
 
 def make_image_folder(root: str | os.PathLike, *, train: int = 2000, test: int = 400, classes: int = 10,
