@@ -119,7 +119,7 @@ def test_failed_verification_is_loud_and_keeps_the_previous_file(run_dir, tmp_pa
             folded.head.bias += 1e-3
         return folded
 
-    monkeypatch.setattr(FOLD, "fold", broken_fold)
+    monkeypatch.setattr(fold_module, "fold", broken_fold)
     with pytest.raises(ExportMismatch, match=r"differs from the trained one.*not written"):
         export_run(run_dir, out, "torchscript", overwrite=True, **FAST)
     assert out.read_bytes() == b"an earlier export"
