@@ -31,6 +31,15 @@ def fashion(fashion_dir):
     return load_dataset("fashion-mnist", data_dir=fashion_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layout_cache(tmp_path_factory):
+    """One measured-layout cache (pnnh.train.speed) for the session, outside the user's home:
+    each CNN shape the tests train is timed once, not once per test."""
+    os.environ["PNNH_LAYOUT_CACHE"] = str(tmp_path_factory.mktemp("layout") / "layout.json")
+    yield Path(os.environ["PNNH_LAYOUT_CACHE"])
+    del os.environ["PNNH_LAYOUT_CACHE"]
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path):
     """A user's $PNNH_DATA or download cache must not change what these tests find."""

@@ -92,6 +92,7 @@ class BenchConfig:
     model_kwargs: dict = field(default_factory=dict)
     matmul_size: int = 2048
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    compile_backend: str = "inductor"  # torch.compile backend; "eager" traces without code generation
 
     def __post_init__(self):
         for name in ("batch_size", "repeats", "steps", "img_size", "in_chans", "num_classes", "matmul_size"):
@@ -186,7 +187,7 @@ class ModelBench:
         fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        self.step_model = torch.compile(model) if setting.compile else model
+        self.step_model = torch.compile(model, backend=cfg.compile_backend) if setting.compile else model
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=gen)
         self.x = x.to(device).contiguous(memory_format=fmt)
@@ -254,6 +255,10 @@ def _spread(prefix: str, values: list[float]) -> dict:
 def bench_group(group: str, models: tuple[str, ...], setting: Setting, cfg: BenchConfig, device: torch.device,
                 progress: tqdm | None = None) -> list[dict]:
     """Measure the ``models`` of one group under one ``setting``; one record per model."""
+    if setting.compile:
+        # Every model's forward is one code object: compiled models of earlier groups count
+        # against Dynamo's recompile limit (8), past which it silently runs the rest eagerly.
+        torch._dynamo.reset()
     benches = [ModelBench(name, setting, cfg, device) for name in models]
     # Peak memory first, one step each: the profiler would distort timed blocks.
     memory = [b.peak_train_memory() for b in benches]
