@@ -48,10 +48,12 @@ from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_fi
 from pnnh.train.callbacks import CallbackList
 from pnnh.train.loggers import LOGGERS, build_loggers
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pnnh.train.config import ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config
+from pnnh.train.config import (ConfigError, TrainConfig, default_out_dir, dump_config, load_config, resolve_config,
+                               resolve_device, resolve_precision)
 from pnnh.train import distributed as ddp
 from pnnh.train.distributed import DistributedError, rank_and_world
 from pnnh.train.optim import build_optimizer, build_scheduler
+from pnnh.train.speed import measured_channels_last
 
 # Fields a resumed run may change; any other difference would splice two different runs.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "log", "out",
@@ -246,7 +248,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
     model.pretrained_cfg.update(mean=list(splits.mean), std=list(splits.std))  # saved with its weights
-    cfg = resolve_config(cfg, model.family, splits.img_size, getattr(model, "prefers_channels_last_on_cpu", True),
+    cfg = resolve_config(cfg, model.family, splits.img_size, _channels_last_on_cpu(cfg, model, splits, world),
                          streamed=stream)
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
@@ -292,6 +294,17 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
                                    **{**norm, "workers": 0})
         run.probe_batch = next(iter(probe_loader))
     return run, ckpt
+
+
+def _channels_last_on_cpu(cfg: TrainConfig, model: nn.Module, splits: Any, world: int) -> bool:
+    """What ``channels_last: auto`` picks for a CNN on the CPU: the layout a few training steps
+    measured faster for this model, input and batch on this machine (cached; pnnh.train.speed).
+    Several processes use the model's width rule instead: their separate measurements could disagree."""
+    rule = getattr(model, "prefers_channels_last_on_cpu", True)
+    if cfg.channels_last != "auto" or model.family != "cnn" or resolve_device(cfg.device) != "cpu" or world > 1:
+        return rule
+    shape = (cfg.batch_size, splits.in_chans, splits.img_size, splits.img_size)
+    return measured_channels_last(model, shape, resolve_precision(cfg.precision, "cpu"))
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
