@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, check_creatable_dir, remove_stale_temp_files
 from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_files
+from pnnh.models.registry import model_family
 from pnnh.train.callbacks import CallbackList
 from pnnh.train.loggers import LOGGERS, build_loggers
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -248,7 +249,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
     model.pretrained_cfg.update(mean=list(splits.mean), std=list(splits.std))  # saved with its weights
-    cfg = resolve_config(cfg, model.family, splits.img_size, _channels_last_on_cpu(cfg, model, splits, world),
+    cfg = resolve_config(cfg, model_family(model), splits.img_size, _channels_last_on_cpu(cfg, model, splits, world),
                          streamed=stream)
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
