@@ -452,3 +452,29 @@ def test_register_model_as_decorator_and_call():
         pnnh.register_model("tv_resnet18_for_tests")(tv_resnet18)
     with pytest.raises(ValueError, match="':' .*convert:"):
         pnnh.register_model("convert:mine", tv_resnet18)
+
+
+def test_converted_torchvision_resnet18_trains_on_fashion_mnist(fashion_dir, tmp_path):
+    result = pnnh.train({"model": "convert:tv_resnet18_for_tests", "data": "fashion-mnist",
+                         "data_dir": str(fashion_dir), "train_subset": 640, "test_subset": 500, "epochs": 2,
+                         "batch_size": 64, "lr": 0.02, "warmup_epochs": 0,  # 5.8M parameters, 20 steps
+                         "out": str(tmp_path / "run")}, progress=False)
+    twin = pnnh.create_model("convert:tv_resnet18_for_tests", num_classes=10, in_chans=1, img_size=28)
+    assert result.params == pnnh.count_params(twin) == expected_twin_params(
+        TorchvisionResNet(BasicBlock, [2, 2, 2, 2], 10, 1))
+    assert pnnh.find_shortcuts(twin) == []
+    first, last = (pnnh.train.trainer.json.loads(line) for line in
+                   (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:2])
+    assert last["train_loss"] < first["train_loss"]
+    assert result.metrics["test_acc"] > 0.5  # chance is 0.1
+
+
+def test_converted_model_trains_from_the_command_line(tmp_path):
+    from pnnh.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "convert:resnet8", "--data", "digits", "--epochs", "1", "--max-steps", "3",
+                 "--set", "coder_ratio=0.25", "--out", str(out)]) == 0
+    twin = pnnh.load(out)
+    assert pnnh.find_shortcuts(twin) == [] and twin.pretrained_cfg["model"] == "convert:resnet8"
+    assert all(m.spec.ratio == 0.25 for m in twin.modules() if isinstance(m, PNNHConv))

@@ -149,6 +149,19 @@ def _build_converted(name: str, kwargs: dict) -> nn.Module:
     return twin
 
 
+def model_family(model: nn.Module) -> str:
+    """The training recipe a model gets ("cnn", "vit", "mlp"; pnnh.train.config): its ``family``
+    attribute, else, for a model of one's own, read from its layers: LayerNorm or attention ->
+    "vit" (AdamW), convolutions -> "cnn" (SGD), neither -> "mlp"."""
+    family = getattr(model, "family", None)
+    if isinstance(family, str):
+        return family
+    layers = [type(m) for m in model.modules()]
+    if any(issubclass(t, (nn.LayerNorm, nn.MultiheadAttention)) for t in layers):
+        return "vit"
+    return "cnn" if any(issubclass(t, nn.modules.conv._ConvNd) for t in layers) else "mlp"
+
+
 def count_params(model: nn.Module) -> int:
     """Number of unique parameters: a coder shared by several layers counts once."""
     return sum(p.numel() for p in model.parameters())

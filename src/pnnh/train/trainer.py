@@ -302,7 +302,7 @@ def _channels_last_on_cpu(cfg: TrainConfig, model: nn.Module, splits: Any, world
     measured faster for this model, input and batch on this machine (cached; pnnh.train.speed).
     Several processes use the model's width rule instead: their separate measurements could disagree."""
     rule = getattr(model, "prefers_channels_last_on_cpu", True)
-    if cfg.channels_last != "auto" or model.family != "cnn" or resolve_device(cfg.device) != "cpu" or world > 1:
+    if cfg.channels_last != "auto" or model_family(model) != "cnn" or resolve_device(cfg.device) != "cpu" or world > 1:
         return rule
     shape = (cfg.batch_size, splits.in_chans, splits.img_size, splits.img_size)
     return measured_channels_last(model, shape, resolve_precision(cfg.precision, "cpu"))
