@@ -72,3 +72,37 @@ def test_wrong_data_is_a_short_error_without_values(data, message):
     with pytest.raises(ValueError, match=message) as err:
         memory_splits(data)
     assert len(str(err.value)) < 300 and "tensor(" not in str(err.value)
+
+
+def test_train_on_tensors_a_dataset_and_by_name(digits, tmp_path):
+    """pnnh.train takes uint8 or float tensors, a Dataset, or a name; the run records in-memory data."""
+    import pnnh
+    from pnnh.train.config import load_config
+
+    base = {"model": "pnnh8", "epochs": 1, "max_steps": 3, "batch_size": 64}
+    x, y = digits.train_x, digits.train_y
+    first = pnnh.train({**base, "data": (x, y), "out": str(tmp_path / "a")}, progress=False)
+    again = pnnh.train({**base, "out": str(tmp_path / "b")}, data=(x.float() / 255, y), progress=False)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    third = pnnh.train({**base, "out": str(tmp_path / "c")}, data=dataset, progress=False)
+    for key in ("train_loss", "test_loss", "test_acc"):  # the same images, so the same run
+        assert first.metrics[key] == again.metrics[key] == third.metrics[key]
+    assert load_config(tmp_path / "a" / "config.yaml").data == IN_MEMORY
+    named = pnnh.train({**base, "out": str(tmp_path / "d")}, data="digits", progress=False)
+    assert load_config(tmp_path / "d" / "config.yaml").data == "digits" and named.metrics["step"] == 3
+
+
+def test_train_refuses_bad_data_in_one_short_line(tmp_path):
+    import pnnh
+    from pnnh.train.config import ConfigError
+
+    cfg = {"model": "pnnh8", "epochs": 1, "out": str(tmp_path / "r")}
+    with pytest.raises(ConfigError, match=r"^data is a Tensor of shape \(10, 3\)|data must be .*Tensor of shape \(10, 3\)") as err:
+        pnnh.train({**cfg, "data": torch.zeros(10, 3)}, progress=False)
+    assert "tensor(" not in str(err.value) and len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match="given twice"):
+        pnnh.train({**cfg, "data": (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))},
+                   data=(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), progress=False)
+    with pytest.raises(ConfigError, match="names data held in memory: pass it as pnnh.train"):
+        pnnh.train({**cfg, "data": IN_MEMORY}, progress=False)
+    assert not (tmp_path / "r").exists()

@@ -253,9 +253,6 @@ def parse_guide(spec: str) -> tuple[str, str | None]:
     return name, (ckpt or None)
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    """The config as YAML text (field order kept)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 def parse_log(value: str | list[str] | tuple[str, ...] | None) -> str | None:
     """``"tensorboard, wandb"`` (or a list) as the normalised comma list of ``TRACKERS``."""
     if value is None:
@@ -273,6 +270,9 @@ def parse_log(value: str | list[str] | tuple[str, ...] | None) -> str | None:
     return ",".join(names) or None
 
 
+def dump_config(cfg: TrainConfig) -> str:
+    """The config as YAML text (field order kept)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +408,10 @@ def _validate(cfg: TrainConfig) -> None:
     models = list(list_models())
     if not is_model(cfg.model):  # a registered name, or convert:<name> (its PNNH twin)
         raise _close("model", cfg.model, models)
+    from pnnh.data.memory import IN_MEMORY
+
     datasets = list(list_datasets())
-    if cfg.data not in datasets:
+    if cfg.data not in datasets and cfg.data != IN_MEMORY:  # in-memory: pnnh.train(config, data=...)
         raise _close("dataset", cfg.data, datasets)
     if cfg.model_kwargs is None:  # an empty "model_kwargs:" in YAML
         cfg.model_kwargs = {}

@@ -35,7 +35,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -110,11 +110,14 @@ class _RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, progress: bool = True,
+def train(config: TrainConfig | dict | str | Path, *, data: Any = None, resume: bool = False, progress: bool = True,
           callbacks: Iterable[Any] = ()) -> TrainResult:
     """Train the model described by ``config`` and return its ``TrainResult``.
 
-    ``config`` is a ``TrainConfig``, a dict or a YAML path (see ``load_config``). Without
+    ``config`` is a ``TrainConfig``, a dict or a YAML path (see ``load_config``). ``data`` (or
+    the config's ``data``) is a dataset name, or data of your own held in memory: (images,
+    labels) tensors, ``{"train": ..., "test": ...}`` or a ``torch.utils.data.Dataset`` (see
+    ``pnnh.data.memory``; the run records it as ``data: in-memory``). Without
     ``resume`` the output directory must be empty or absent; with it, training continues
     after the epoch saved in ``<out>/last.pt``. ``progress`` shows a tqdm bar and one summary
     line per epoch. ``callbacks`` are objects with any of the methods of
@@ -127,6 +130,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     already did) and destroys it at the end; ``batch_size`` is then the global batch. A failed
     collective (a rank died or exceeded ``dist_timeout``) raises ``DistributedError``.
     """
+    config, data = _split_data(config, data)
     cfg = load_config(config)
     if resume and cfg.out is None:
         raise ConfigError("resume needs the run directory: pass --out DIR (out: in a config)")
@@ -134,7 +138,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool = False, prog
     loggers = build_loggers(cfg.log, callbacks)  # those --log names and callbacks lack; closed here
     created = ddp.init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        return _train(cfg, resume, progress, CallbackList(callbacks + loggers))
+        return _train(cfg, resume, progress, CallbackList(callbacks + loggers), data)
     except RuntimeError as err:
         if isinstance(err, DistributedError) or not ddp.is_collective_failure(err):
             raise
@@ -177,9 +181,24 @@ class _Run:
         return self.rank == 0
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackList) -> TrainResult:
+def _split_data(config: Any, data: Any) -> tuple[Any, Any]:
+    """(config, in-memory data or None). In-memory data comes in the config dict or as ``data=``;
+    ``data=`` (a name or data) overrides the config's data, as a command-line flag overrides a file."""
+    from pnnh.data.memory import IN_MEMORY
+
+    if isinstance(config, Mapping) and not isinstance(config.get("data"), (str, type(None))):
+        if data is not None:
+            raise ConfigError("data is given twice, in the config and as data=: pass it once")
+        config, data = {**config, "data": None}, config["data"]
+    if data is None:
+        return config, None
+    name, data = (data, None) if isinstance(data, str) else (IN_MEMORY, data)
+    return load_config(config, overrides={"data": name}), data
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackList, data: Any = None) -> TrainResult:
     """The body of ``train`` once the process group (if any) exists."""
-    run, ckpt = _set_up(cfg, resume)
+    run, ckpt = _set_up(cfg, resume, data)
     if ckpt is not None:
         _restore(run, ckpt)
         del ckpt
@@ -214,7 +233,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackLi
     return result
 
 
-def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None]:
+def _set_up(cfg: TrainConfig, resume: bool, data: Any = None) -> tuple[_Run, dict[str, Any] | None]:
     """Check the run directory, then build data, model, loaders, optimizer and schedule.
 
     Returns the run and, on resume, the checkpoint to restore (None for a fresh start).
@@ -222,6 +241,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     """
     from pnnh.models import create_model
     from pnnh.data import load_dataset
+    from pnnh.data.memory import IN_MEMORY, memory_splits
     from pnnh.data.streaming import default_workers, load_streaming, make_loader, split_size, stream_choice
 
     rank, world = rank_and_world()
@@ -235,12 +255,21 @@ def _set_up(cfg: TrainConfig, resume: bool) -> tuple[_Run, dict[str, Any] | None
     _seed_everything(cfg.seed)
     subsets = {"val_size": cfg.val_size, "seed": cfg.seed, "train_subset": cfg.train_subset,
                "test_subset": cfg.test_subset, "img_size": cfg.img_size}
-    try:
-        stream, source = stream_choice(cfg.stream, cfg.data, cfg.data_dir, cfg.img_size, cfg.memory_budget_gb)
-        splits = (load_streaming(cfg.data_dir, **subsets) if stream else
-                  load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, **subsets))
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
+    if cfg.data == IN_MEMORY:
+        if data is None:
+            raise ConfigError(f"data {IN_MEMORY!r} names data held in memory: pass it as pnnh.train(config, "
+                              "data=(images, labels)) (a resumed run too), or name a dataset")
+        try:
+            splits, stream, source = memory_splits(data, **subsets), False, "(in memory)"
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        try:
+            stream, source = stream_choice(cfg.stream, cfg.data, cfg.data_dir, cfg.img_size, cfg.memory_budget_gb)
+            splits = (load_streaming(cfg.data_dir, **subsets) if stream else
+                      load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, **subsets))
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
     workers = (cfg.workers if cfg.workers is not None else default_workers()) if stream else cfg.workers
     cfg = dataclasses.replace(cfg, workers=workers)  # config.yaml says how many ran
     try:
