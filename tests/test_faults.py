@@ -177,7 +177,7 @@ def test_one_function_unpickles_torch_files():
 @pytest.mark.parametrize("legacy", [False, True], ids=["run", "legacy-run"])
 @pytest.mark.parametrize("kind", WHAT)
 def test_sweep_probe_refuses_a_checkpoint_swapped_in_after_training(tmp_path, kind, legacy):
-    spec = load_sweep(families=["pnnh"], depths=[8], seeds=1,
+    spec = load_sweep(models=["pnnh"], depths=[8], seeds=1,
                       train={"data": "digits", "epochs": 1, "max_steps": 2, "batch_size": 32},
                       model_kwargs={"width": 8})
     cell = spec.cells()[0]
@@ -207,7 +207,7 @@ def test_an_explicit_data_dir_is_never_replaced(capsys, tmp_path):
 # --- 3. a sweep with failed cells fails ---------------------------------------------------------
 
 def test_a_sweep_with_a_failed_cell_exits_1_naming_it(capsys, tmp_path):
-    status = main(["sweep", "--families", "pnnh", "--depths", "7", "--data", "digits", "--epochs", "1",
+    status = main(["sweep", "--models", "pnnh", "--depths", "7", "--data", "digits", "--epochs", "1",
                    "--set", "width=4", "--out", str(tmp_path / "sweep")])
     err = capsys.readouterr().err
     assert status == 1
@@ -235,7 +235,7 @@ def tmpfs(path: Path, options: str):
 
 OUT_COMMANDS = {
     "train": lambda run, out: ["train", *TINY, "--out", out],
-    "sweep": lambda run, out: ["sweep", "--families", "pnnh", "--depths", "8", "--data", "digits", "--epochs", "1",
+    "sweep": lambda run, out: ["sweep", "--models", "pnnh", "--depths", "8", "--data", "digits", "--epochs", "1",
                                "--out", out],
     "export": lambda run, out: ["export", run, "--out", out / "model.pt", "--repeats", "1"],
 }

@@ -48,7 +48,7 @@ def epochs_logged(cell_dir: Path) -> list[int]:
 
 def test_two_cells_on_digits_run_as_jobs_to_completion(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--launcher", "submitit-local", "--families", "resnet,pnnh", "--depths", "8", "--seeds", "1",
+    argv = ["sweep", "--launcher", "submitit-local", "--models", "resnet,pnnh", "--depths", "8", "--seeds", "1",
             "--data", "digits", "--img-size", "8", "--epochs", "2", "--device", "cpu", "--precision", "fp32",
             "--gpus", "0", "--cpus", "1", "--time", "60", "--cells-per-job", "2", "--out", str(out)]
     assert main(argv) == 0
@@ -71,7 +71,7 @@ def job_log(out: Path) -> str:
 
 def test_preempted_job_is_requeued_and_a_killed_one_resubmitted_both_resume(tmp_path, monkeypatch):
     recipe = tmp_path / "sweep.yaml"
-    recipe.write_text("sweep: {variants: {short: {family: resnet, train: {epochs: 2}}, long: {family: resnet}}, "
+    recipe.write_text("sweep: {variants: {short: {model: resnet, train: {epochs: 2}}, long: {model: resnet}}, "
                       "depths: [8], seeds: 1}\n")
     spec = load_sweep(recipe, train={**TINY, "epochs": 12})
     out = tmp_path / "sweep"
@@ -110,13 +110,13 @@ def test_cluster_options_and_bad_values(tmp_path, capsys):
         cluster_options({"partion": "gpu"})
     with pytest.raises(ConfigError, match="cluster option time must be an integer >= 1, got 0"):
         ClusterOptions(time=0)
-    spec = load_sweep(families=["resnet"], depths=[8], seeds=1, train={**TINY, "epochs": 1})
+    spec = load_sweep(models=["resnet"], depths=[8], seeds=1, train={**TINY, "epochs": 1})
     with pytest.raises(ConfigError, match="cannot submit to slurm: .*srun"):
         submit_sweep(spec, tmp_path, OPTIONS, cluster="slurm")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("sweep: {families: [resnet], depths: [8]}\ntrain: {data: digits}\ncluster: {gpus: -1}\n")
+    recipe.write_text("sweep: {models: [resnet], depths: [8]}\ntrain: {data: digits}\ncluster: {gpus: -1}\n")
     for extra, message in ((["--config", str(recipe)], "cluster option gpus must be an integer >= 0, got -1"),
                            (["--shard", "0/2"], "--shard splits a sweep over local processes")):
-        argv = ["sweep", "--launcher", "slurm", "--families", "resnet", "--depths", "8", "--data", "digits",
+        argv = ["sweep", "--launcher", "slurm", "--models", "resnet", "--depths", "8", "--data", "digits",
                 "--out", str(tmp_path / "x"), *extra]
         assert main(argv) == 2 and message in capsys.readouterr().err

@@ -219,7 +219,7 @@ def test_sweep_cells_log_training_and_probe_curves(tmp_path):
     pytest.importorskip("tensorboard", reason="optional: pip install 'pnnh[track]'")
     from pnnh.experiments.sweep import load_sweep, run_sweep
 
-    spec = load_sweep(families=["pnnh"], depths=[8], seeds=1, model_kwargs={"width": 4},
+    spec = load_sweep(models=["pnnh"], depths=[8], seeds=1, model_kwargs={"width": 4},
                       train={"data": "digits", "epochs": 1, "train_subset": 128, "test_subset": 64, "batch_size": 32,
                              "precision": "fp32", "log": "tensorboard"})
     (record,) = run_sweep(spec, tmp_path / "sweep", progress=False)

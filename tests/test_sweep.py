@@ -19,7 +19,7 @@ TINY = {"data": "digits", "epochs": 2, "batch_size": 64, "precision": "fp32"}
 
 
 def tiny_spec(**overrides):
-    return load_sweep(families=["plain", "resnet", "pnnh"], depths=[8], seeds=1, train=TINY,
+    return load_sweep(models=["plain", "resnet", "pnnh"], depths=[8], seeds=1, train=TINY,
                       model_kwargs={"width": 4}, **overrides)
 
 
@@ -49,7 +49,7 @@ def test_sweep_trains_every_cell_and_reports(tmp_path):
 
 def test_report_reference_option(tmp_path, capsys):
     out = tmp_path / "sweep"
-    run_sweep(load_sweep(families=["plain", "pnnh"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4}),
+    run_sweep(load_sweep(models=["plain", "pnnh"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4}),
               out, progress=False, command="t")
     assert "Each variant against" not in write_report(out).read_text()  # no resnet: no default reference
     (out / "notes.md").write_text("Ran on a shared machine.\n")
@@ -63,7 +63,7 @@ def test_report_reference_option(tmp_path, capsys):
 
 def test_finished_cells_are_skipped_and_interrupted_cell_resumes(tmp_path):
     out = tmp_path / "sweep"
-    spec = load_sweep(families=["pnnh"], depths=[8], seeds=2, train=TINY, model_kwargs={"width": 4})
+    spec = load_sweep(models=["pnnh"], depths=[8], seeds=2, train=TINY, model_kwargs={"width": 4})
     first, second = spec.cells()
     # Seed 1 is "interrupted" after its first epoch: its directory holds last.pt, no cell.json.
     train({**second.config(out).to_dict(), "epochs": 1}, progress=False)
@@ -81,9 +81,9 @@ def test_finished_cells_are_skipped_and_interrupted_cell_resumes(tmp_path):
 def test_failed_and_diverged_cells_are_recorded_and_do_not_stop_the_sweep(tmp_path):
     out = tmp_path / "sweep"
     raw = {"sweep": {"depths": [8], "seeds": [0], "variants": {
-        "broken": {"family": "pnnh", "model_kwargs": {"coder_init": "nonsense"}},
-        "exploding": {"family": "plain", "train": {"lr": 1e9}},
-        "fine": {"family": "plain"}}},
+        "broken": {"model": "pnnh", "model_kwargs": {"coder_init": "nonsense"}},
+        "exploding": {"model": "plain", "train": {"lr": 1e9}},
+        "fine": {"model": "plain"}}},
         "train": TINY}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -96,13 +96,13 @@ def test_failed_and_diverged_cells_are_recorded_and_do_not_stop_the_sweep(tmp_pa
 
 def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
     out = tmp_path / "sweep"
-    spec = load_sweep(families=["plain"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4})
+    spec = load_sweep(models=["plain"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4})
     run_sweep(spec, out, progress=False)
-    other = load_sweep(families=["plain"], depths=[8], seeds=1, train={**TINY, "epochs": 1}, model_kwargs={"width": 4})
+    other = load_sweep(models=["plain"], depths=[8], seeds=1, train={**TINY, "epochs": 1}, model_kwargs={"width": 4})
     with pytest.raises(ConfigError, match="different sweep"):
         run_sweep(other, out, progress=False)
     # How a cell runs is not part of the sweep: a process may join compiled or on another device.
-    assert main(["sweep", "--families", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
+    assert main(["sweep", "--models", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
                  "--batch-size", "64", "--precision", "fp32", "--set", "width=4", "--compile", "--device", "cpu",
                  "--out", str(out)]) == 0  # the recorded cell is reported, not retrained
 
@@ -113,7 +113,7 @@ def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
 ])
 def test_bad_sweep_values(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        load_sweep(families=["plain"], **kwargs)
+        load_sweep(models=["plain"], **kwargs)
 
 
 def test_unknown_sweep_key(tmp_path):
@@ -124,7 +124,7 @@ def test_unknown_sweep_key(tmp_path):
 
 
 def test_coder_options_reach_pnnh_only():
-    spec = load_sweep(families=["resnet", "pnnh"], model_kwargs={"coder_init": "copy", "width": 8})
+    spec = load_sweep(models=["resnet", "pnnh"], model_kwargs={"coder_init": "copy", "width": 8})
     kwargs = {v: spec.variants[v].get("model_kwargs") for v in spec.variants}
     assert kwargs == {"resnet": {"width": 8}, "pnnh": {"coder_init": "copy", "width": 8}}
 
@@ -159,16 +159,16 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
     with pytest.raises(ConfigError, match="shard"):
         run_sweep(spec, out, progress=False, shard=(2, 2))
     # A grid whose inner loop is depth still gives every shard both depths, deepest first.
-    deep = load_sweep(families=["plain", "resnet"], depths=[8, 14], seeds=1, train=TINY, model_kwargs={"width": 4})
+    deep = load_sweep(models=["plain", "resnet"], depths=[8, 14], seeds=1, train=TINY, model_kwargs={"width": 4})
     records = run_sweep(deep, tmp_path / "deep", progress=False, command="t", shard=(0, 2))
     assert [r["id"] for r in records] == ["plain-d14-s0", "plain-d8-s0"]
     # Seed by seed: both shards finish the first seed's grid before either starts the second.
-    seeds = load_sweep(families=["plain", "resnet"], depths=[8, 14], seeds=[3, 1], train=TINY,
+    seeds = load_sweep(models=["plain", "resnet"], depths=[8, 14], seeds=[3, 1], train=TINY,
                        model_kwargs={"width": 4})
     order = [r["id"] for r in run_sweep(seeds, tmp_path / "seeds", progress=False, command="t", shard=(1, 2))]
     assert order == ["resnet-d14-s3", "resnet-d8-s3", "resnet-d14-s1", "resnet-d8-s1"]
     with pytest.raises(SystemExit):
-        main(["sweep", "--families", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
+        main(["sweep", "--models", "plain", "--depths", "8", "--out", str(out), "--shard", "3/2"])
     assert "0 <= I < N" in capsys.readouterr().err
 
 
@@ -264,7 +264,7 @@ def test_variant_by_depth_table():
     from pnnh.experiments.report import aggregate, table_by_depth
 
     def cell(variant, depth, seed, acc, status="ok"):
-        return {"id": f"{variant}-d{depth}-s{seed}", "variant": variant, "family": variant, "depth": depth,
+        return {"id": f"{variant}-d{depth}-s{seed}", "variant": variant, "model": variant, "depth": depth,
                 "seed": seed, "status": status, "test_acc": acc if status == "ok" else None, "val_acc": None,
                 "params": 1000 * depth, "images_per_s": 500.0, "reason": ""}
 
@@ -275,3 +275,20 @@ def test_variant_by_depth_table():
     assert table[2] == "| plain | 81.00 ± 1.41 · 0.01M · 500 | 50.00 · 0.06M · 500 |"
     assert table[3] == "| fixup | 90.00 · 0.01M · 500 | failed |"
     assert table_by_depth(aggregate(cells[:2])) is None  # one variant, one depth: nothing to pivot
+
+
+def test_recipes_and_records_from_before_family_became_model_still_load(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("sweep: {families: [plain], variants: {}, depths: [8]}\n")
+    with pytest.warns(DeprecationWarning, match="'families' is now 'models'"):
+        assert load_sweep(old).variants == {"plain": {"model": "plain"}}
+    old.write_text("sweep: {variants: {copy: {family: pnnh, model_kwargs: {coder_init: copy}}}}\n")
+    with pytest.warns(DeprecationWarning, match="'family' is now 'model'"):
+        assert load_sweep(old).variants == {"copy": {"model": "pnnh", "model_kwargs": {"coder_init": "copy"}}}
+    old.write_text("sweep: {models: [plain], families: [pnnh]}\n")
+    with pytest.raises(ConfigError, match="give 'models' only"):
+        load_sweep(old)
+    cell = tmp_path / "cells" / "plain-d8-s0"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"id": "plain-d8-s0", "variant": "plain", "family": "plain"}))
+    assert read_cells(tmp_path)[0]["model"] == "plain" and "family" not in read_cells(tmp_path)[0]

@@ -10,7 +10,7 @@ from pnnh.cli.train import add_config_flags, config_overrides, parse_set
 from pnnh.train.config import ConfigError
 
 DEMO = {  # plain, resnet and pnnh at a shallow and a deep depth, in well under 10 minutes on 2 CPU cores
-    "families": ["plain", "resnet", "pnnh"],
+    "models": ["plain", "resnet", "pnnh"],
     "depths": [8, 56],
     "seeds": 1,
     "train": {"epochs": 2, "train_subset": 10000, "test_subset": 2000, "batch_size": 128},
@@ -44,16 +44,18 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="train a grid of models (family x depth x seed) and report",
+    p = sub.add_parser("sweep", help="train a grid of models (variant x depth x seed) and report",
                        description="Train every cell (variant x depth x seed) through the same trainer, data, "
                                    "recipe and budget; resumable; writes the report at the end.")
     p.add_argument("--config", metavar="FILE.yaml", help="sweep recipe (see configs/); flags override it")
-    p.add_argument("--families", type=_csv(str), help="e.g. plain,resnet,pnnh (replaces the recipe's variants)")
+    p.add_argument("--models", "--families", dest="models", type=_csv(str),
+                   help="model names that take depth=, e.g. plain,resnet,pnnh (replaces the recipe's variants; "
+                        "--families is its old name)")
     p.add_argument("--depths", type=_csv(int), help="e.g. 8,20,56,110")
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     p.add_argument("--out", required=True, help="sweep directory (re-run the same command to resume)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model keyword for every cell (coder_* keys reach PNNH families only), repeatable")
+                   help="model keyword for every cell (coder_* keys reach PNNH models only), repeatable")
     p.add_argument("--retry-failed", action="store_true", help="train again the cells recorded as failed")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
@@ -91,7 +93,7 @@ def run_sweep_command(args) -> int:
 
     train = config_overrides(args, args.train_flags)
     try:
-        spec = load_sweep(args.config, families=args.families, depths=args.depths, seeds=args.seeds,
+        spec = load_sweep(args.config, models=args.models, depths=args.depths, seeds=args.seeds,
                           train=train, model_kwargs=parse_set(args.set))
         argv = sys.argv[1:]
         if "--shard" in argv:  # every shard runs the same sweep: record the command without it
@@ -178,8 +180,8 @@ def run_demo(args) -> int:
     train = {**DEMO["train"], "data": data}
     if data == "digits":
         train.update(train_subset=None, test_subset=None, epochs=10, img_size=16)
-    spec = load_sweep(families=DEMO["families"], depths=DEMO["depths"], seeds=DEMO["seeds"], train=train)
-    print(f"pnnh demo: {', '.join(DEMO['families'])} at depths {DEMO['depths']} on {data} -> {args.out}")
+    spec = load_sweep(models=DEMO["models"], depths=DEMO["depths"], seeds=DEMO["seeds"], train=train)
+    print(f"pnnh demo: {', '.join(DEMO['models'])} at depths {DEMO['depths']} on {data} -> {args.out}")
     start = time.time()
     records = run_sweep(spec, args.out, command=f"pnnh demo --out {args.out} --data {data}")
     report = write_report(args.out)

@@ -21,7 +21,7 @@ from pnnh.experiments.launch import job_states  # noqa: E402
 from pnnh.experiments.sweep import read_cells, unfinished_cells  # noqa: E402
 from pnnh.io import atomic_write_text, format_table, write_csv, write_png  # noqa: E402
 
-CSV_FIELDS = ("id", "variant", "family", "depth", "seed", "status", "test_acc", "best_acc", "val_acc", "params",
+CSV_FIELDS = ("id", "variant", "model", "depth", "seed", "status", "test_acc", "best_acc", "val_acc", "params",
               "images_per_s", "seconds", "epochs", "reason")
 
 
@@ -36,7 +36,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
         accs = [100 * c["test_acc"] for c in done]
         vals = [100 * c["val_acc"] for c in done if c.get("val_acc") is not None]
         rows.append({
-            "variant": variant, "family": group[0]["family"], "depth": depth, "seeds": len(group),
+            "variant": variant, "model": group[0]["model"], "depth": depth, "seeds": len(group),
             "finished": len(done), "failed": [f"{c['id']}: {c['status']} {c['reason']}".strip() for c in group
                                               if c["status"] != "ok"],
             "params": group[0]["params"] or next((c["params"] for c in group if c["params"]), None),

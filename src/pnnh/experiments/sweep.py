@@ -3,16 +3,20 @@
 A sweep config (YAML) has two sections::
 
     sweep:
-      families: [plain, resnet, pnnh]      # shorthand for variants {plain: {family: plain}, ...}
+      models: [plain, resnet, pnnh]        # shorthand for variants {plain: {model: plain}, ...}
       variants:                            # or named variants, for ablations
-        pnnh-copy: {family: pnnh, model_kwargs: {coder_init: copy}, train: {lr: 0.05}}
+        pnnh-copy: {model: pnnh, model_kwargs: {coder_init: copy}, train: {lr: 0.05}}
       depths: [20, 56, 110]
       seeds: 3                             # or a list of seeds
     train:                                 # TrainConfig fields shared by every cell
       data: fashion-mnist
       epochs: 10
 
-Every cell trains ``create_model(family, depth=depth, **model_kwargs)`` in
+A sweep's ``model`` is a registered model name that takes ``depth=`` (``pnnh``, ``resnet``,
+``vit``, ...). Recipes written before the key had this name say ``families:`` and ``family:``;
+they are read the same, with a deprecation note.
+
+Every cell trains ``create_model(model, depth=depth, **model_kwargs)`` in
 ``OUT/cells/<variant>-d<depth>-s<seed>/`` and records ``cell.json`` when it ends (ok, diverged or
 failed, with the reason). Re-running the same command skips recorded cells and resumes an
 interrupted one from its ``last.pt``.
@@ -23,6 +27,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +55,7 @@ EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_t
 @dataclass
 class Cell:
     variant: str
-    family: str
+    model: str
     depth: int
     seed: int
     model_kwargs: dict
@@ -62,7 +67,7 @@ class Cell:
 
     def config(self, out: Path) -> TrainConfig:
         kwargs = {**self.model_kwargs, "depth": self.depth}
-        return load_config({**self.train, "model": self.family, "model_kwargs": kwargs, "seed": self.seed,
+        return load_config({**self.train, "model": self.model, "model_kwargs": kwargs, "seed": self.seed,
                             "out": str(out / "cells" / self.id)})
 
 
@@ -79,7 +84,7 @@ class SweepSpec:
         for name, variant in self.variants.items():
             for depth in self.depths:
                 for seed in self.seeds:
-                    cells.append(Cell(name, variant["family"], depth, seed, dict(variant.get("model_kwargs", {})),
+                    cells.append(Cell(name, variant["model"], depth, seed, dict(variant.get("model_kwargs", {})),
                                       {**self.train, **variant.get("train", {})}))
         return cells
 
@@ -88,13 +93,13 @@ class SweepSpec:
                 "train": self.train}
 
 
-def load_sweep(path: str | Path | None = None, *, families: list[str] | None = None,
+def load_sweep(path: str | Path | None = None, *, models: list[str] | None = None,
                depths: list[int] | None = None, seeds: int | list[int] | None = None,
                train: Mapping[str, Any] | None = None, model_kwargs: Mapping[str, Any] | None = None) -> SweepSpec:
     """Read a sweep YAML (optional) and apply command-line overrides.
 
-    ``families`` replaces the variants by one plain variant per family; ``model_kwargs`` are
-    added to every variant (``coder_*`` keys only to PNNH families, which alone accept them).
+    ``models`` replaces the variants by one variant per model name; ``model_kwargs`` are added
+    to every variant (``coder_*`` keys only to PNNH models, which alone accept them).
     """
     raw: dict = {}
     if path is not None:
@@ -105,24 +110,24 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
         unknown = set(raw) - {"sweep", "train", "cluster"}
         if unknown:
             raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: sweep, train, cluster")
-    section = dict(raw.get("sweep") or {})
-    unknown = set(section) - {"families", "variants", "depths", "seeds"}
+    section = _renamed(dict(raw.get("sweep") or {}), "families", "models", path)
+    unknown = set(section) - {"models", "variants", "depths", "seeds"}
     if unknown:
-        raise ConfigError(f"unknown sweep keys {sorted(unknown)}; valid: families, variants, depths, seeds")
-    if families:
-        variants = {f: {"family": f} for f in families}
+        raise ConfigError(f"unknown sweep keys {sorted(unknown)}; valid: models, variants, depths, seeds")
+    if models:
+        variants = {m: {"model": m} for m in models}
     elif section.get("variants"):
-        variants = {str(k): dict(v or {}) for k, v in section["variants"].items()}
+        variants = {str(k): _renamed(dict(v or {}), "family", "model", path) for k, v in section["variants"].items()}
         for name, v in variants.items():
-            v.setdefault("family", name)
-            bad = set(v) - {"family", "model_kwargs", "train"}
+            v.setdefault("model", name)
+            bad = set(v) - {"model", "model_kwargs", "train"}
             if bad:
-                raise ConfigError(f"variant {name!r}: unknown keys {sorted(bad)}; valid: family, model_kwargs, train")
+                raise ConfigError(f"variant {name!r}: unknown keys {sorted(bad)}; valid: model, model_kwargs, train")
     else:
-        variants = {f: {"family": f} for f in section.get("families") or ["plain", "resnet", "pnnh"]}
+        variants = {m: {"model": m} for m in section.get("models") or ["plain", "resnet", "pnnh"]}
     for v in variants.values():
         for key, value in (model_kwargs or {}).items():
-            if not key.startswith("coder_") or "pnnh" in v["family"]:
+            if not key.startswith("coder_") or "pnnh" in v["model"]:
                 v.setdefault("model_kwargs", {})[key] = value
     depths = list(depths or section.get("depths") or [20, 56])
     seeds_value = seeds if seeds is not None else section.get("seeds", 1)
@@ -134,6 +139,17 @@ def load_sweep(path: str | Path | None = None, *, families: list[str] | None = N
     spec = SweepSpec(variants, depths, seed_list, {**(raw.get("train") or {}), **(train or {})},
                      dict(raw.get("cluster") or {}))
     return spec
+
+
+def _renamed(section: dict, old: str, new: str, source: str | Path | None) -> dict:
+    """``section`` with the deprecated key ``old`` read as ``new`` (a note says so once per read)."""
+    if old not in section:
+        return section
+    if new in section:
+        raise ConfigError(f"{source or 'sweep'}: give {new!r} only ({old!r} is its old name)")
+    warnings.warn(f"{source or 'sweep'}: the sweep key {old!r} is now {new!r}; {old!r} is read as {new!r} "
+                  "for now", DeprecationWarning, stacklevel=3)
+    return {(new if k == old else k): v for k, v in section.items()}
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, command: str = "", retry_failed: bool = False,
@@ -294,7 +310,7 @@ def unfinished_cells(out: str | Path) -> tuple[list[str], list[str]]:
     out = Path(out)
     if not (out / "sweep.yaml").exists():
         return [], []
-    section = (yaml.safe_load((out / "sweep.yaml").read_text()) or {}).get("sweep") or {}
+    section = _saved_sweep((yaml.safe_load((out / "sweep.yaml").read_text()) or {}).get("sweep"))
     spec = SweepSpec(section.get("variants") or {}, section.get("depths") or [], section.get("seeds") or [])
     running, waiting = [], []
     for cell in _training_order(spec):
@@ -307,13 +323,27 @@ def read_cell(cell_dir: Path) -> dict | None:
     path = cell_dir / "cell.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return _saved_record(json.loads(path.read_text()))
 
 
 def read_cells(out: str | Path) -> list[dict]:
     """Every recorded cell under ``out/cells``, in a stable order."""
     paths = sorted(Path(out, "cells").glob("*/cell.json"))
-    return [json.loads(p.read_text()) for p in paths]
+    return [_saved_record(json.loads(p.read_text())) for p in paths]
+
+
+def _saved_record(record: dict) -> dict:
+    """A cell record as this version writes it (records written before "family" became "model")."""
+    if "family" in record and "model" not in record:
+        record = {("model" if k == "family" else k): v for k, v in record.items()}
+    return record
+
+
+def _saved_sweep(section: dict | None) -> dict:
+    """A saved ``sweep:`` section as this version writes it (variants' "family" is now "model")."""
+    section = dict(section or {})
+    section["variants"] = {name: _saved_record(dict(v or {})) for name, v in (section.get("variants") or {}).items()}
+    return section
 
 
 def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
@@ -346,7 +376,7 @@ def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
 def _record(cell: Cell, status: str, result: dict, reason: str = "", detail: str = "") -> dict:
     metrics = result.get("metrics") or {}
     return {
-        "id": cell.id, "variant": cell.variant, "family": cell.family, "depth": cell.depth, "seed": cell.seed,
+        "id": cell.id, "variant": cell.variant, "model": cell.model, "depth": cell.depth, "seed": cell.seed,
         "model_kwargs": cell.model_kwargs, "status": status, "reason": reason, "detail": detail,
         "test_acc": metrics.get("test_acc"), "val_acc": metrics.get("val_acc"),
         "best_acc": result.get("best_acc"), "best_epoch": result.get("best_epoch"),
@@ -388,7 +418,7 @@ def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
     path = out / "sweep.yaml"
     if path.exists():
         previous = yaml.safe_load(path.read_text()) or {}
-        if previous.get("sweep") != manifest["sweep"] or _recipe(previous.get("train")) != _recipe(manifest["train"]):
+        if _saved_sweep(previous.get("sweep")) != manifest["sweep"] or _recipe(previous.get("train")) != _recipe(manifest["train"]):
             raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings "
                               f"(only {', '.join(sorted(EXECUTION_KEYS))} may differ)")
         return

@@ -159,7 +159,7 @@ def write_best(study: optuna.Study, base: dict, out: Path, source: str | Path) -
         return
     tuned = {k: v for k, v in best.params.items() if not k.startswith("model_kwargs.")}
     train_cfg = {k: v for k, v in cfg.items() if k not in ("model", "seed", *tuned)}
-    variant = {"family": cfg["model"], "model_kwargs": model_kwargs, "train": tuned}
+    variant = {"model": cfg["model"], "model_kwargs": model_kwargs, "train": tuned}
     recipe = {"sweep": {"depths": [depth], "seeds": 3, "variants": {f"{cfg['model']}-tuned": variant}},
               "train": train_cfg}
     atomic_write_text(out / "best-sweep.yaml", note + yaml.safe_dump(recipe, sort_keys=False))
