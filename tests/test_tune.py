@@ -74,8 +74,8 @@ def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
     assert result.metrics["val_acc"] == pytest.approx(study.best_value, abs=1e-9)  # the same run, retrained
     sweep = load_sweep(out / "best-sweep.yaml")
     cell = sweep.cells()[0]
-    assert (cell.model, cell.depth, len(sweep.seeds)) == ("resnet", 8, 3)
     cell_cfg = cell.config(tmp_path / "sweep")
+    assert (cell_cfg.model, cell.depth, len(sweep.seeds)) == ("resnet", 8, 3)
     assert (cell_cfg.lr, cell_cfg.warmup_epochs, cell_cfg.model_kwargs) == (best.lr, best.warmup_epochs,
                                                                               best.model_kwargs)
 
