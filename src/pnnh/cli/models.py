@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from pnnh.io import format_table
 
 
 def register(sub) -> None:
@@ -19,10 +22,12 @@ def run(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        print(f"no model matches {args.pattern!r}")
-        return 1
-    print(f"{'model':<18} {'params':>12}  shortcuts")
+        print(f"pnnh models: error: no model matches {args.pattern!r}; `pnnh models` lists them all",
+              file=sys.stderr)
+        return 2
+    rows = []
     for name in names:
         model = create_model(name, num_classes=args.num_classes, in_chans=args.in_chans, img_size=args.img_size)
-        print(f"{name:<18} {count_params(model):>12,}  {len(find_shortcuts(model))}")
+        rows.append((name, f"{count_params(model):,}", len(find_shortcuts(model))))
+    print(format_table(("model", "params", "shortcuts"), rows, align="<>>"))
     return 0
