@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from pnnh.models.init import apply_init
 from pnnh.models.base import Classifier, stage_points
-from pnnh.models.layers import ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
+from pnnh.models.layers import PNNH_CHANNELS_LAST_MIN_LEARNER, ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
 from pnnh.models.registry import register_model
 
 FAMILIES = ("plain", "resnet", "pnnh")
@@ -45,11 +45,6 @@ def stage_blocks(block, widths, blocks_per_stage, in_ch, first_stride=1) -> list
             in_ch = convs[-1][1]
         stages.append(blocks)
     return stages
-
-
-# The narrowest PNNH learner (output channels of a layer's own weights) for which channels_last
-# is the faster CPU layout: measured faster at 32 (pnnh18), slower at 8 (pnnh20, pnnh56).
-PNNH_CHANNELS_LAST_MIN_LEARNER = 32
 
 
 class ConvNet(Classifier):

@@ -37,11 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from pnnh.models.layers import CoderSpec, PNNHConv, PNNHLinear, coder_spec, pnnh_layers
-from pnnh.models.registry import count_params
+from pnnh.models.layers import (PNNH_CHANNELS_LAST_MIN_LEARNER, CoderSpec, PNNHConv, PNNHLinear, coder_spec,
+                               pnnh_layers)
+from pnnh.models.registry import count_params, create_model, register_prefix
 from pnnh.models.shortcuts import _data_nodes, _Tracer, find_shortcuts
 
-__all__ = ["ConversionError", "ConvertedBlock", "ConversionReport", "convert"]
+__all__ = ["ConversionError", "ConvertedBlock", "ConversionReport", "convert", "CONVERT_PREFIX"]
+
+CONVERT_PREFIX = "convert:"  # create_model("convert:resnet56"): the PNNH twin of a registered model
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -557,8 +560,6 @@ def _splice(twin: nn.Module, paths: list[str], placed: set[int], graph: fx.Graph
 
 def _finish(twin: nn.Module, model: nn.Module) -> nn.Module:
     """Device, mode and the CPU layout preference of the twin (as ``pnnh{D}`` sets it)."""
-    from pnnh.models.cnn import PNNH_CHANNELS_LAST_MIN_LEARNER
-
     param = next(model.parameters(), None)
     if param is not None:
         twin.to(param.device)
@@ -592,3 +593,17 @@ def _check_twin(model: nn.Module, twin: nn.Module, example_input: torch.Tensor, 
         raise ConversionError(f"the PNNH twin of {name} still has a shortcut at graph node {left[0]['node']!r} "
                               f"(from {left[0]['source']!r}): it is not an addition of a branch and a shortcut "
                               "that convert can replace (e.g. a concatenation, DenseNet-style)")
+
+
+def _build_twin(name: str, kwargs: dict) -> nn.Module:
+    """``create_model("convert:NAME", ...)``: the twin of registered model NAME. ``coder_*``
+    keywords go to the conversion, the others to NAME's constructor; the example input is a batch
+    of ``in_chans`` x ``img_size`` images (given, else recorded by the model, else 3 x 32)."""
+    coder = {k: v for k, v in kwargs.items() if k.startswith("coder_")}
+    rest = {k: v for k, v in kwargs.items() if k not in coder}
+    model = create_model(name, **rest)
+    chans, size = (rest.get(k, getattr(model, k, None)) or default for k, default in (("in_chans", 3), ("img_size", 32)))
+    return convert(model, torch.zeros(2, chans, size, size), **coder)
+
+
+register_prefix(CONVERT_PREFIX, _build_twin)

@@ -23,7 +23,7 @@ class UnknownModelError(ValueError):
     """Raised by :func:`create_model` for a name that is not registered."""
 
 
-CONVERT_PREFIX = "convert:"  # "convert:resnet56": the PNNH twin of a registered model (pnnh.convert)
+_PREFIXES: dict[str, Callable[[str, dict], nn.Module]] = {}  # "convert:" -> builds "convert:NAME" from NAME
 
 
 def register_model(name: str | Callable[..., nn.Module] | None = None, fn: Callable[..., nn.Module] | None = None,
@@ -47,7 +47,7 @@ def register_model(name: str | Callable[..., nn.Module] | None = None, fn: Calla
         return lambda f: register_model(f.__name__ if name is None else name, f, **fixed)
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"model name {name!r} is not valid: use a non-empty string without ':' "
-                         f"({CONVERT_PREFIX!r} names the PNNH twin of a registered model)")
+                         "(':' is for model specs such as 'convert:NAME', the PNNH twin of a registered model)")
     if not callable(fn):
         raise TypeError(f"register_model({name!r}, fn): fn must be a callable that builds the model, "
                         f"got {type(fn).__name__}")
@@ -58,9 +58,15 @@ def register_model(name: str | Callable[..., nn.Module] | None = None, fn: Calla
     return fn
 
 
+def register_prefix(prefix: str, build: Callable[[str, dict], nn.Module]) -> None:
+    """Make ``create_model(prefix + NAME, **kwargs)`` return ``build(NAME, kwargs)`` for a registered
+    NAME (:mod:`pnnh.models.convert` registers ``convert:``, the PNNH twin of a model)."""
+    _PREFIXES[prefix] = build
+
+
 def is_model(name: str) -> bool:
-    """Whether ``create_model(name)`` knows ``name``: a registered model or ``convert:<registered>``."""
-    return name in _MODELS or (name.startswith(CONVERT_PREFIX) and name[len(CONVERT_PREFIX):] in _MODELS)
+    """Whether ``create_model(name)`` knows ``name``: a registered model, or one under a prefix."""
+    return name in _MODELS or any(name.startswith(p) and name[len(p):] in _MODELS for p in _PREFIXES)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -95,8 +101,12 @@ def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, 
 
 
 def _build(name: str, kwargs: dict) -> nn.Module:
-    if name.startswith(CONVERT_PREFIX):
-        return _build_converted(name, kwargs)
+    prefix = next((p for p in _PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        model = _PREFIXES[prefix](name[len(prefix):], kwargs)
+        model.model_name = name
+        model.pretrained_cfg = model_config(name, kwargs, model)
+        return model
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
@@ -129,24 +139,6 @@ def _as_annotated(fn: Callable[..., nn.Module], kwargs: dict) -> dict:
     except (TypeError, ValueError):  # a builtin or C callable: nothing declared
         return kwargs
     return {k: as_annotated(k, v, params[k].annotation) if k in params else v for k, v in kwargs.items()}
-
-
-def _build_converted(name: str, kwargs: dict) -> nn.Module:
-    """``convert:NAME``: ``pnnh.convert`` of the registered model NAME; ``coder_*`` keywords go to
-    the conversion, the others to NAME's constructor. The example input is a batch of the
-    model's ``in_chans`` x ``img_size`` images (given, else recorded by the model, else 3 x 32)."""
-    import torch
-
-    from pnnh.models.convert import convert  # convert builds on this module
-
-    coder = {k: v for k, v in kwargs.items() if k.startswith("coder_")}
-    rest = {k: v for k, v in kwargs.items() if k not in coder}
-    model = _build(name[len(CONVERT_PREFIX):], rest)
-    chans, size = (rest.get(k, getattr(model, k, None)) or default for k, default in (("in_chans", 3), ("img_size", 32)))
-    twin = convert(model, torch.zeros(2, chans, size, size), **coder)
-    twin.model_name = name
-    twin.pretrained_cfg = model_config(name, kwargs, twin)
-    return twin
 
 
 def model_family(model: nn.Module) -> str:
