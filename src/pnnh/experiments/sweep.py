@@ -99,7 +99,7 @@ def load_sweep(path: str | Path | None = None, *, models: list[str] | None = Non
     """Read a sweep YAML (optional) and apply command-line overrides.
 
     ``models`` replaces the variants by one variant per model name; ``model_kwargs`` are added
-    to every variant (``coder_*`` keys only to PNNH models, which alone accept them).
+    to every variant (``coder_*`` keys only to PNNH models and ``convert:`` twins, which take them).
     """
     raw: dict = {}
     if path is not None:
@@ -127,7 +127,7 @@ def load_sweep(path: str | Path | None = None, *, models: list[str] | None = Non
         variants = {m: {"model": m} for m in section.get("models") or ["plain", "resnet", "pnnh"]}
     for v in variants.values():
         for key, value in (model_kwargs or {}).items():
-            if not key.startswith("coder_") or "pnnh" in v["model"]:
+            if not key.startswith("coder_") or "pnnh" in v["model"] or v["model"].startswith("convert:"):
                 v.setdefault("model_kwargs", {})[key] = value
     depths = list(depths or section.get("depths") or [20, 56])
     seeds_value = seeds if seeds is not None else section.get("seeds", 1)
