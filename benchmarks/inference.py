@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pnnh.experiments.bench import interleave, paired_ratio
+from pnnh.experiments.bench import allocation_peak, interleave, paired_ratio
 from pnnh.experiments.export import _write_export
 from pnnh.io import atomic_write_text
 from pnnh.models import create_model
@@ -40,18 +40,9 @@ def eager_runner(model):
 
 def peak_forward_bytes(model, x) -> int:
     """Weights + input + the peak of torch's allocations during one no-grad forward."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(x)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x])
-    return resident + peak
+    with torch.no_grad():
+        peak = allocation_peak(lambda: model(x))
+    return peak + sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x])
 
 
 def main() -> None:

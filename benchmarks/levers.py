@@ -134,21 +134,12 @@ def main() -> None:
     print(f"slice coder vs conv coder (fp32): max |logits diff| {check['logits']:.2g}, grads {check['grads']:.2g}")
     benches = [build(n, setting, cfg) for n in names]
 
-    def task(b):
-        def run():
-            b.step_model.train()
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(cfg.steps):
-                b.train_step()
-            n = len(b.x) * cfg.steps
-            return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
-        return run
     load = os.getloadavg()
-    values = interleave({b.name: task(b) for b in benches}, cfg.repeats, 1)
+    values = interleave({b.name: b.train_block_wall_and_cpu for b in benches}, cfg.repeats, 1)
     rows = []
     for b in benches:
         v = values[b.name]
-        ref = values[b.name.replace("pnnh", "resnet")]
+        ref = values.get(b.name.replace("pnnh", "resnet"), values[f"resnet{d}"])  # resnet in the same mode
         rows.append({"variant": b.name, "setting": setting.label, "first_two_steps_s": b.first_steps_s,
                      "wall_images_per_s": statistics.median(x[0] for x in v),
                      "cpu_images_per_s": statistics.median(x[1] for x in v),

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -30,18 +29,6 @@ from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave,
 from pnnh.io import atomic_write_text
 from pnnh.train.config import resolve_precision
 from pnnh.train.speed import measured_channels_last
-
-
-def timed_blocks(bench: ModelBench, steps: int):
-    """A task returning (wall images/s, CPU images/s) of ``steps`` training steps."""
-    def task():
-        bench.step_model.train()
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            bench.train_step()
-        n = len(bench.x) * steps
-        return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
-    return task
 
 
 def main() -> None:
@@ -70,7 +57,7 @@ def main() -> None:
             if family == "pnnh" and layout != probe.prefers_channels_last_on_cpu:
                 benches[f"{name} width-rule"] = ModelBench(name, Setting(precision, probe.prefers_channels_last_on_cpu),
                                                            cfg, torch.device("cpu"))
-        values = interleave({k: timed_blocks(b, args.steps) for k, b in benches.items()}, args.repeats, 1)
+        values = interleave({k: b.train_block_wall_and_cpu for k, b in benches.items()}, args.repeats, 1)
         base = values[f"resnet{depth} default"]
         rows = {}
         for key, vals in values.items():

@@ -217,6 +217,20 @@ class ModelBench:
         self.step_model.eval()
         return len(self.x) * self.steps / timed(self.infer_step, self.steps, self.device)
 
+    def train_block_wall_and_cpu(self) -> tuple[float, float]:
+        """images/s of ``steps`` training steps by the wall clock and by this process's CPU time.
+
+        On a machine shared with other jobs the wall clock also counts the time they ran; the
+        CPU time (``time.process_time``) counts this process's work only (with one thread; with
+        several it also counts OpenMP's spin-waiting)."""
+        self.step_model.train()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(self.steps):
+            self.train_step()
+        sync(self.device)
+        images = len(self.x) * self.steps
+        return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
     def peak_train_memory(self) -> int:
         """Bytes of live tensors at the peak of one training step (see the module docstring)."""
         self.step_model.train()
@@ -229,17 +243,23 @@ class ModelBench:
             return torch.cuda.max_memory_allocated(self.device)
         state = [v for s in self.optimizer.state.values() for v in s.values()]
         resident = _tensor_bytes([*self.model.parameters(), *self.model.buffers(), *state, self.x, self.y])
-        from torch.profiler import ProfilerActivity, profile
+        return resident + allocation_peak(self.train_step)
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.train_step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-        return resident + peak
+
+def allocation_peak(fn: Callable[[], object]) -> int:
+    """Bytes: the peak of the running sum of CPU allocations minus frees that ``torch.profiler``
+    (``profile_memory=True``) records while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def paired_ratio(values: list[float], baseline: list[float]) -> float:
