@@ -57,11 +57,11 @@ def is_delta(w: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- the zoo's checks
 
-def test_every_name_is_registered_with_family():
+def test_every_name_is_registered_with_its_arch():
     assert set(NEW_NAMES) <= set(pnnh.list_models())
     for name in ("skipinit_resnet20", "tat_plain56", "repvgg110", "hourglass_mlp"):
         model = pnnh.create_model(name, **small_kwargs(name))
-        assert model.family == ("mlp" if "mlp" in name else "cnn")
+        assert model.arch == ("mlp" if "mlp" in name else "cnn")
 
 
 @pytest.mark.parametrize("name", NEW_NAMES)

@@ -1,4 +1,4 @@
-"""TrainConfig: validation messages, YAML reading, flag precedence, family defaults, fuzzing."""
+"""TrainConfig: validation messages, YAML reading, flag precedence, architecture defaults, fuzzing."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ def error_of(values: dict) -> str:
     return str(info.value)
 
 
-def test_minimal_config_keeps_family_fields_unresolved():
+def test_minimal_config_keeps_arch_fields_unresolved():
     cfg = load_config(BASE)
     assert (cfg.model, cfg.data, cfg.epochs, cfg.batch_size) == ("resnet8", "digits", 10, 128)
     assert cfg.optimizer is None and cfg.lr is None and cfg.precision == "auto"
@@ -145,7 +145,7 @@ def test_resume_reads_saved_config(tmp_path):
     assert (cfg.model, cfg.data, cfg.epochs) == ("resnet8", "digits", 6)
 
 
-def test_family_defaults_and_batch_scaling():
+def test_arch_defaults_and_batch_scaling():
     cnn = resolve_config(load_config({**BASE, "batch_size": 256, "device": "cpu"}), "cnn", 28)
     assert (cnn.optimizer, cnn.lr, cnn.momentum, cnn.nesterov) == ("sgd", 0.2, 0.9, True)
     assert (cnn.weight_decay, cnn.coder_weight_decay, cnn.warmup_epochs, cnn.schedule) == (5e-4, 5e-4, 1.0, "cosine")

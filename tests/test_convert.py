@@ -434,7 +434,7 @@ def digits_batch():
 
 @pnnh.register_model("tv_resnet18_for_tests")
 def tv_resnet18(num_classes=1000, in_chans=3, img_size=224, width=64):
-    """A user's model: registered by decorator, no pnnh attributes (family, ...) at all."""
+    """A user's model: registered by decorator, no pnnh attributes (arch, ...) at all."""
     return TorchvisionResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, width)
 
 

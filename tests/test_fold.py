@@ -56,7 +56,7 @@ def assert_folds(name: str, x: torch.Tensor, **kwargs) -> tuple[nn.Module, nn.Mo
 
 
 @pytest.mark.parametrize("name", ["plain8", "resnet8", "pnnh8", "plain_mlp", "residual_mlp", "pnnh_mlp"])
-def test_fold_matches_every_family(name, digits):
+def test_fold_matches_every_kind_and_architecture(name, digits):
     assert_folds(name, digits, width=8)
 
 

@@ -1,4 +1,4 @@
-"""Sharing and reusing models: timm's conventions on every family, safetensors + config.json
+"""Sharing and reusing models: timm's conventions on every architecture, safetensors + config.json
 folders, ``create_model(pretrained=)``, the Hub mixin's local round trip (never the network:
 HF_HUB_OFFLINE=1 in conftest), and ``pnnh.load`` on runs of today and of before config.json."""
 from __future__ import annotations

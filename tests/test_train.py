@@ -209,7 +209,7 @@ def test_crash_while_saving_epoch_checkpoint_then_resume(small_run, tmp_path, mo
 class NaNAfter(nn.Module):
     """A linear classifier whose output turns NaN after a set number of training steps."""
 
-    family = "mlp"
+    arch = "mlp"
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, good_steps: int = 6):
         super().__init__()

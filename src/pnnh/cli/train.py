@@ -25,7 +25,7 @@ HELP = {
     "download": "download the dataset if it is missing",
     "epochs": "number of epochs (default 10)",
     "batch_size": "global training batch size, split evenly over the processes of a torchrun job (default 128)",
-    "lr": "peak learning rate (default: family default, scaled per 128 images)",
+    "lr": "peak learning rate (default: the architecture's, scaled per 128 images)",
     "optimizer": f"one of {', '.join(OPTIMIZERS)} (default: sgd for CNNs, adamw otherwise)",
     "momentum": "SGD momentum, or AdamW beta1 (default 0.9)",
     "schedule": f"lr schedule after warm-up: {', '.join(SCHEDULES)} (default cosine)",

@@ -41,7 +41,7 @@ from pnnh.io import atomic_write_text, check_creatable_dir, format_table, packag
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
 ONNX_HINT = "pip install 'pnnh[onnx]' (onnx, onnxruntime, onnxscript)"
-# (prefix of a plain or PNNH model name, the residual family's prefix) for the speed baseline.
+# (prefix of a plain or PNNH model name, the residual kind's prefix) for the speed baseline.
 RESIDUAL_PREFIXES = (("pnnh_vit", "vit"), ("plain_vit", "vit"), ("pnnh_mlp", "residual_mlp"),
                      ("plain_mlp", "residual_mlp"), ("pnnh", "resnet"), ("plain", "resnet"))
 

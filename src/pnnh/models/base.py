@@ -1,6 +1,6 @@
 """What every model of the zoo shares: timm's conventions and the Hugging Face Hub mixin.
 
-A family (``ConvNet``, ``ViT``) defines ``forward_features`` (input -> unpooled features),
+An architecture (``ConvNet``, ``ViT``) defines ``forward_features`` (input -> unpooled features),
 ``pool_features`` (features -> one vector per image), ``feature_points`` (the per-stage modules of
 ``features_only``) and sets ``head`` and ``num_features``; :class:`Classifier` adds the rest:
 

@@ -31,7 +31,7 @@ as ``NAME`` with ``depth=``), built from the same stage layout as :mod:`pnnh.mod
 and one MLP, ``hourglass_mlp``: wide-narrow-wide residual blocks after a fixed random lift
 (Chen, Lee, Liao, Shiu, "Rethinking the shape convention of an MLP", 2025).
 
-Every family also takes ``init=`` (he_normal, orthogonal, delta_orthogonal): see
+Every CNN and MLP also takes ``init=`` (he_normal, orthogonal, delta_orthogonal): see
 :mod:`pnnh.models.init`.
 """
 from __future__ import annotations
@@ -346,7 +346,7 @@ class FixedRandomLift(nn.Module):
 
 
 class HourglassMLP(ConvNet):
-    family = "mlp"
+    arch = "mlp"
 
 
 def hourglass_mlp(depth: int = 8, width: int = 512, narrow: int | None = None, num_classes: int = 10,

@@ -1,6 +1,6 @@
 """Convolutional nets: plain, residual (ResNet) and PNNH, all of one shape.
 
-Every family is built from the same list of convolutions (in_ch, out_ch, kernel, stride), so
+Every kind of net (plain, resnet, pnnh) is built from the same list of convolutions (in_ch, out_ch, kernel, stride), so
 plain{D}, resnet{D} and pnnh{D} differ only in how each convolution is wrapped:
 
 - plain:  a chain of conv-BN-ReLU layers;
@@ -20,7 +20,7 @@ from pnnh.models.base import Classifier, stage_points
 from pnnh.models.layers import PNNH_CHANNELS_LAST_MIN_LEARNER, ConvBNAct, CoderSpec, ResidualBlock, pnnh_layers
 from pnnh.models.registry import register_model
 
-FAMILIES = ("plain", "resnet", "pnnh")
+KINDS = ("plain", "resnet", "pnnh")
 CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110)
 Conv = tuple[int, int, int, int]  # in_ch, out_ch, kernel, stride
 
@@ -48,12 +48,12 @@ def stage_blocks(block, widths, blocks_per_stage, in_ch, first_stride=1) -> list
 
 
 class ConvNet(Classifier):
-    """stem -> body -> global average pool -> linear head, for every CNN family.
+    """stem -> body -> global average pool -> linear head, for every kind of CNN.
 
     ``in_chans`` and ``img_size`` record the input the net was built for (its pretrained_cfg).
     """
 
-    family = "cnn"
+    arch = "cnn"  # the training recipe (pnnh.train.config.ARCH_DEFAULTS)
     # The trainer's channels_last="auto" uses channels_last on CPU only for models that run faster
     # in it. PNNH nets with narrow learners (pnnh20/56: 8-32 channels) train 1.3x faster in NCHW
     # on CPU, wide ones (pnnh18: 32-256) 1.3x faster in channels_last (bf16, 2 threads, idle;
@@ -88,28 +88,28 @@ class ConvNet(Classifier):
         return layers
 
 
-def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_classes: int,
+def build_cnn(kind: str, stages: list[list[list[Conv]]], stem: nn.Module, num_classes: int,
               kwargs: dict, net_class: type[ConvNet] = ConvNet, in_chans: int | None = None,
               img_size: int | None = None) -> ConvNet:
-    """Wrap the convolutions of ``stages`` as the ``family`` asks; ``kwargs`` are family options
+    """Wrap the convolutions of ``stages`` as the ``kind`` asks; ``kwargs`` are that kind's options
     (``init=`` re-initialises the convolutions: he_normal, orthogonal or delta_orthogonal);
     ``in_chans`` and ``img_size`` are recorded on the net."""
     init = kwargs.pop("init", None)
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not valid; choose one of {FAMILIES}")
-    if family == "pnnh":
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not valid; choose one of {KINDS}")
+    if kind == "pnnh":
         spec = CoderSpec.from_kwargs(kwargs)
-        _no_extra(kwargs, family)
+        _no_extra(kwargs, kind)
         body = pnnh_layers(spec, [[c for block in blocks for c in block] for blocks in stages])
-    elif family == "resnet":
+    elif kind == "resnet":
         zero_init = kwargs.pop("zero_init_residual", False)
-        _no_extra(kwargs, family)
+        _no_extra(kwargs, kind)
         body = [ResidualBlock(convs, zero_init) for blocks in stages for convs in blocks]
     else:
-        _no_extra(kwargs, family)
+        _no_extra(kwargs, kind)
         body = [ConvBNAct(*c) for blocks in stages for convs in blocks for c in convs]
     net = net_class(stem, body, stages[-1][-1][-1][1], num_classes, in_chans, img_size)
-    if family == "pnnh":
+    if kind == "pnnh":
         narrowest = min(layer.weight.shape[0] for layer in body)
         net.prefers_channels_last_on_cpu = narrowest >= PNNH_CHANNELS_LAST_MIN_LEARNER
     if init is not None:
@@ -117,11 +117,11 @@ def build_cnn(family: str, stages: list[list[list[Conv]]], stem: nn.Module, num_
     return net
 
 
-def _no_extra(kwargs: dict, family: str) -> None:
+def _no_extra(kwargs: dict, kind: str) -> None:
     if kwargs:
         hint = (" (PNNH options: coder_ratio, coder_sharing, coder_init, coder_form, coder_kernel, "
                 "coder_fusion, coder_norm, coder_scale)")
-        raise TypeError(f"unexpected keyword arguments for a {family} model: {sorted(kwargs)}{hint}")
+        raise TypeError(f"unexpected keyword arguments for a {kind} model: {sorted(kwargs)}{hint}")
 
 
 def cifar_stages(depth: int, width: int) -> list[list[list[Conv]]]:
@@ -133,10 +133,10 @@ def cifar_stages(depth: int, width: int) -> list[list[list[Conv]]]:
     return stage_blocks(basic_block, (width, 2 * width, 4 * width), (n, n, n), width)
 
 
-def cifar_net(family: str, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16,
+def cifar_net(kind: str, depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16,
               img_size: int = 32, **kwargs) -> ConvNet:
     """CIFAR-style net of depth 6n+2: 3x3 stem, then :func:`cifar_stages`."""
-    return build_cnn(family, cifar_stages(depth, width), ConvBNAct(in_chans, width), num_classes, kwargs,
+    return build_cnn(kind, cifar_stages(depth, width), ConvBNAct(in_chans, width), num_classes, kwargs,
                      in_chans=in_chans, img_size=img_size)
 
 
@@ -147,7 +147,7 @@ IMAGENET_LAYOUTS = {
 }
 
 
-def imagenet_net(family: str, depth: int, num_classes: int = 1000, in_chans: int = 3, width: int = 64,
+def imagenet_net(kind: str, depth: int, num_classes: int = 1000, in_chans: int = 3, width: int = 64,
                  img_size: int = 224, **kwargs) -> ConvNet:
     """ResNet-18/34/50 layouts. Images of 64 px or less get a 3x3 stride-1 stem without max-pool
     (the usual CIFAR adaptation); larger ones the 7x7 stride-2 stem and max-pool."""
@@ -159,16 +159,16 @@ def imagenet_net(family: str, depth: int, num_classes: int = 1000, in_chans: int
     else:
         stem = nn.Sequential(ConvBNAct(in_chans, width, 7, 2), nn.MaxPool2d(3, 2, 1))
     stages = stage_blocks(block, tuple(width * 2**i for i in range(4)), blocks, width)
-    return build_cnn(family, stages, stem, num_classes, kwargs, in_chans=in_chans, img_size=img_size)
+    return build_cnn(kind, stages, stem, num_classes, kwargs, in_chans=in_chans, img_size=img_size)
 
 
 def _register():
-    for family in FAMILIES:
-        register_model(family, lambda family=family, depth=56, **kw: cifar_net(family, depth, **kw))
+    for kind in KINDS:
+        register_model(kind, lambda kind=kind, depth=56, **kw: cifar_net(kind, depth, **kw))
         for depth in CIFAR_DEPTHS:
-            register_model(f"{family}{depth}", lambda family=family, **kw: cifar_net(family, **kw), depth=depth)
+            register_model(f"{kind}{depth}", lambda kind=kind, **kw: cifar_net(kind, **kw), depth=depth)
         for depth in IMAGENET_LAYOUTS:
-            register_model(f"{family}{depth}", lambda family=family, **kw: imagenet_net(family, **kw), depth=depth)
+            register_model(f"{kind}{depth}", lambda kind=kind, **kw: imagenet_net(kind, **kw), depth=depth)
 
 
 _register()

@@ -516,7 +516,7 @@ def _place(model: nn.Module, graph_module: fx.GraphModule, blocks: list[_Block],
     graph.lint()
     graph_module.recompile()
     graph_module.delete_all_unused_submodules()
-    for attr in ("family", "prefers_channels_last_on_cpu"):
+    for attr in ("arch", "prefers_channels_last_on_cpu"):
         if hasattr(model, attr):
             setattr(graph_module, attr, getattr(model, attr))
     return _finish(graph_module, model)

@@ -6,7 +6,7 @@
 
 The stages are the points a model lists in ``feature_points()`` (a CNN: its stem and the last
 layer before each downsampling; a ViT: every block). Forward hooks on those modules, in place
-only during the call, collect their outputs in one ``forward_features`` pass, so no family needs
+only during the call, collect their outputs in one ``forward_features`` pass, so no architecture needs
 a forward of its own and a copy of the extractor (``copy.deepcopy``) holds no stale hook.
 """
 from __future__ import annotations

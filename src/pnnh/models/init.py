@@ -1,4 +1,4 @@
-"""Initialisation schemes a built model can be re-initialised with (``init=`` on every family).
+"""Initialisation schemes a built model can be re-initialised with (``init=`` on every CNN and MLP).
 
 Xiao et al., "Dynamical Isometry and a Mean Field Theory of CNNs", ICML 2018:
 :func:`apply_init` re-initialises a built model's convolutions with ``delta_orthogonal`` (3x3

@@ -1,4 +1,4 @@
-"""Layers shared by the model families: the plain layer, the residual block and the PNNH layer.
+"""Layers shared by the models: the plain layer, the residual block and the PNNH layer.
 
 The PNNH layer (docs/PNNH.md section 2) is one plain layer split in two channel groups::
 

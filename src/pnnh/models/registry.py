@@ -15,7 +15,7 @@ from pnnh.models.pretrained import load_pretrained, model_config
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FIXED: dict[str, dict] = {}  # keyword arguments a registered name pins (e.g. depth for pnnh56)
-# timm's shared sizes, checked once here (depth is each family's to check: it names the valid depths)
+# timm's shared sizes, checked once here (depth is each model's to check: it names the valid depths)
 SIZE_ARGS = ("width", "num_classes", "in_chans", "img_size")
 
 
@@ -141,13 +141,13 @@ def _as_annotated(fn: Callable[..., nn.Module], kwargs: dict) -> dict:
     return {k: as_annotated(k, v, params[k].annotation) if k in params else v for k, v in kwargs.items()}
 
 
-def model_family(model: nn.Module) -> str:
-    """The training recipe a model gets ("cnn", "vit", "mlp"; pnnh.train.config): its ``family``
-    attribute, else, for a model of one's own, read from its layers: LayerNorm or attention ->
-    "vit" (AdamW), convolutions -> "cnn" (SGD), neither -> "mlp"."""
-    family = getattr(model, "family", None)
-    if isinstance(family, str):
-        return family
+def model_arch(model: nn.Module) -> str:
+    """The architecture a model is trained as ("cnn", "vit", "mlp": its recipe in pnnh.train.config):
+    its ``arch`` attribute, else, for a model of one's own, read from its layers: LayerNorm or
+    attention -> "vit" (AdamW), convolutions -> "cnn" (SGD), neither -> "mlp"."""
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, str):
+        return arch
     layers = [type(m) for m in model.modules()]
     if any(issubclass(t, (nn.LayerNorm, nn.MultiheadAttention)) for t in layers):
         return "vit"

@@ -71,7 +71,7 @@ class TwinLayer(nn.Module):
 class ResidualTwinNet(Classifier):
     """stem -> the twin recurrence over (stream, branch) -> [x, a] -> pool -> linear head."""
 
-    family = "cnn"
+    arch = "cnn"
 
     def __init__(self, stem: nn.Module, layers: list[TwinLayer], out_ch: int, num_classes: int,
                  in_chans: int | None = None, img_size: int | None = None):

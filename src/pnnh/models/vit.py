@@ -1,7 +1,7 @@
 """Vision Transformers: pre-LN residual ViT, plain ViT, and the PNNH ViT (PNNH.md section 3).
 
-Every sub-layer (attention, MLP) combines its input h with f = Attn or MLP; the three families
-differ only in how:
+Every sub-layer (attention, MLP) combines its input h with f = Attn or MLP; the three kinds
+(residual, plain, PNNH) differ only in how:
 
 - residual: h + f(LN(h))                 (:class:`SubLayer`)
 - plain:    f(LN(h))                     (:class:`SubLayer`)
@@ -60,7 +60,7 @@ class ViT(Classifier):
     ``width`` is the embedding dimension (ViT-Tiny: 192, 3 heads, 12 blocks, the defaults).
     """
 
-    family = "vit"
+    arch = "vit"
 
     def __init__(self, mode: str, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  patch_size: int = 4, depth: int = 12, width: int = 192, heads: int = 3,

@@ -4,15 +4,15 @@ A config goes through two stages:
 
 1. ``load_config(path_or_dict, overrides)`` reads YAML (or a dict), applies overrides (CLI
    flags; ``None`` means "not given") and validates every field. Fields whose best value
-   depends on the model family are left ``None`` / ``"auto"``.
-2. ``resolve_config(cfg, family, img_size)`` fills those from the family defaults below and
+   depends on the model's architecture are left ``None`` / ``"auto"``.
+2. ``resolve_config(cfg, arch, img_size)`` fills those from the architecture defaults below and
    the machine (device, precision), so the ``config.yaml`` saved beside a run holds only
    concrete values and re-running it reproduces the run.
 
-Family defaults (used only for fields the user left unset):
+Architecture defaults (used only for fields the user left unset):
 
 ====== ========= ========================== ============= ========= ============
-family optimizer lr / wd / momentum         warmup epochs schedule  label smooth
+arch   optimizer lr / wd / momentum         warmup epochs schedule  label smooth
 ====== ========= ========================== ============= ========= ============
 cnn    sgd       0.1 / 5e-4 / 0.9 nesterov  1             cosine    0
 vit    adamw     1e-3 / 0.05 / beta1 0.9    5             cosine    0.1
@@ -22,7 +22,7 @@ mlp    adamw     1e-3 / 0.05 / beta1 0.9    1             cosine    0
 The default learning rates are per 128 images and scale with ``batch_size``: linearly for
 SGD, with the square root for AdamW (its update size does not grow with the gradient).
 For AdamW ``momentum`` is beta1. ``crop_pad`` defaults to 4 for images of 28 px and more
-and 0 below, for every family, so the families compared in one study see the same data.
+and 0 below, for every architecture, so the nets compared in one study see the same data.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
     "adamw": {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.05},
 }
-FAMILY_DEFAULTS = {
+ARCH_DEFAULTS = {
     "cnn": {"optimizer": "sgd", "warmup_epochs": 1.0, "schedule": "cosine", "label_smoothing": 0.0},
     "vit": {"optimizer": "adamw", "warmup_epochs": 5.0, "schedule": "cosine", "label_smoothing": 0.1},
     "mlp": {"optimizer": "adamw", "warmup_epochs": 1.0, "schedule": "cosine", "label_smoothing": 0.0},
@@ -60,7 +60,7 @@ LR_REFERENCE_BATCH = 128
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. ``None`` / ``"auto"`` = resolved per family."""
+    """Everything that defines a training run. ``None`` / ``"auto"`` = resolved per architecture."""
 
     model: str | None = None
     data: str | None = None
@@ -149,19 +149,19 @@ def load_config(
     return TrainConfig(**values)
 
 
-def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_on_cpu: bool = True,
+def resolve_config(cfg: TrainConfig, arch: str, img_size: int, channels_last_on_cpu: bool = True,
                    streamed: bool = False) -> TrainConfig:
-    """Return a copy of ``cfg`` with every family- or machine-dependent field made concrete.
+    """Return a copy of ``cfg`` with every architecture- or machine-dependent field made concrete.
 
-    ``family`` is the model's family ("cnn", "vit", "mlp"), ``img_size`` the dataset's image
+    ``arch`` is the model's architecture ("cnn", "vit", "mlp"; ``pnnh.models.registry.model_arch``), ``img_size`` the dataset's image
     side in pixels; ``channels_last_on_cpu=False`` makes ``channels_last="auto"`` choose NCHW
     on the CPU (a model's ``prefers_channels_last_on_cpu``); ``streamed``: whether the data is
     read from disk (``stream: auto`` decided by ``pnnh.data.streaming.stream_choice``). Raises
     ``ConfigError`` when the requested device cannot be used.
     """
-    if family not in FAMILY_DEFAULTS:
-        raise ConfigError(f"unknown model family {family!r}; expected one of {sorted(FAMILY_DEFAULTS)}")
-    fam = FAMILY_DEFAULTS[family]
+    if arch not in ARCH_DEFAULTS:
+        raise ConfigError(f"unknown model architecture {arch!r}; expected one of {sorted(ARCH_DEFAULTS)}")
+    fam = ARCH_DEFAULTS[arch]
     optimizer = cfg.optimizer or fam["optimizer"]
     opt = OPTIMIZER_DEFAULTS[optimizer]
     if cfg.lr is None:
@@ -186,7 +186,7 @@ def resolve_config(cfg: TrainConfig, family: str, img_size: int, channels_last_o
         crop_pad=(4 if img_size >= 28 else 0) if cfg.crop_pad is None else cfg.crop_pad,
         device=device,
         precision=resolve_precision(cfg.precision, device),
-        channels_last=(family == "cnn" and (channels_last_on_cpu or device != "cpu")
+        channels_last=(arch == "cnn" and (channels_last_on_cpu or device != "cpu")
                        if cfg.channels_last == "auto" else cfg.channels_last),
         stream=streamed if cfg.stream == "auto" else cfg.stream,
         out=cfg.out or default_out_dir(cfg.model, cfg.data),

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from pnnh.io import TEMP_SUFFIX, append_json_line, atomic_write_text, check_creatable_dir, remove_stale_temp_files
 from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, save_pretrained_files
-from pnnh.models.registry import model_family
+from pnnh.models.registry import model_arch
 from pnnh.train.callbacks import CallbackList
 from pnnh.train.loggers import LOGGERS, build_loggers
 from pnnh.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -278,7 +278,7 @@ def _set_up(cfg: TrainConfig, resume: bool, data: Any = None) -> tuple[_Run, dic
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"cannot build model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {err}") from err
     model.pretrained_cfg.update(mean=list(splits.mean), std=list(splits.std))  # saved with its weights
-    cfg = resolve_config(cfg, model_family(model), splits.img_size, _channels_last_on_cpu(cfg, model, splits, world),
+    cfg = resolve_config(cfg, model_arch(model), splits.img_size, _channels_last_on_cpu(cfg, model, splits, world),
                          streamed=stream)
     if ckpt is not None:
         _check_resumable(cfg, ckpt["config"], out)
@@ -331,7 +331,7 @@ def _channels_last_on_cpu(cfg: TrainConfig, model: nn.Module, splits: Any, world
     measured faster for this model, input and batch on this machine (cached; pnnh.train.speed).
     Several processes use the model's width rule instead: their separate measurements could disagree."""
     rule = getattr(model, "prefers_channels_last_on_cpu", True)
-    if cfg.channels_last != "auto" or model_family(model) != "cnn" or resolve_device(cfg.device) != "cpu" or world > 1:
+    if cfg.channels_last != "auto" or model_arch(model) != "cnn" or resolve_device(cfg.device) != "cpu" or world > 1:
         return rule
     shape = (cfg.batch_size, splits.in_chans, splits.img_size, splits.img_size)
     return measured_channels_last(model, shape, resolve_precision(cfg.precision, "cpu"))
