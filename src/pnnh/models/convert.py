@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from pnnh.io import format_table
 from pnnh.models.layers import (PNNH_CHANNELS_LAST_MIN_LEARNER, CoderSpec, PNNHConv, PNNHLinear, coder_spec,
                                pnnh_layers)
 from pnnh.models.registry import count_params, create_model, register_prefix
@@ -79,12 +80,10 @@ class ConversionReport:
 
     def __str__(self) -> str:
         rows = [(b.name, b.shortcut, b.layers, f"{b.params_before:,}", f"{b.params_after:,}") for b in self.blocks]
-        head = ("block", "shortcut", "PNNH layers", "params before", "after")
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-        line = lambda r: "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        table = format_table(("block", "shortcut", "PNNH layers", "params before", "after"), rows, align="<<<>>")
         total = (f"{self.model}: {len(self.blocks)} residual blocks -> PNNH layers; parameters "
                  f"{self.params_before:,} -> {self.params_after:,} ({self.params_after / max(self.params_before, 1):.2f}x)")
-        return "\n".join([line(head), *map(line, rows), total])
+        return f"{table}\n{total}"
 
 
 @dataclass
