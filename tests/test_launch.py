@@ -120,3 +120,27 @@ def test_cluster_options_and_bad_values(tmp_path, capsys):
         argv = ["sweep", "--launcher", "slurm", "--models", "resnet", "--depths", "8", "--data", "digits",
                 "--out", str(tmp_path / "x"), *extra]
         assert main(argv) == 2 and message in capsys.readouterr().err
+
+
+def test_slurm_jobs_are_one_array_with_the_options(tmp_path, monkeypatch, capsys):
+    """The Slurm path up to the scheduler: fake ``sbatch``/``srun`` on PATH record what submitit
+    hands to Slurm (the cluster itself is not here)."""
+    bin_dir, seen = tmp_path / "bin", tmp_path / "sbatch"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {seen}\necho Submitted batch job 4242\n")
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sweep: {models: [resnet, pnnh, plain], depths: [8], seeds: 1}\ntrain: {data: digits}\n"
+                      "cluster: {partition: gpu, time: 90, array_size: 2, account: lab}\n")
+    argv = ["sweep", "--config", str(recipe), "--launcher", "slurm", "--gpus", "2", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "submitted 3 job(s) to slurm (4242_0, 4242_1, 4242_2)" in capsys.readouterr().out
+    script = seen.read_text()
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --account=lab",
+                 "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@90"):
+        assert line in script
+    assert {s["state"] for s in job_states(tmp_path / "out").values()} == {"queued"}
+    assert job_states(tmp_path / "out")["pnnh-d8-s0"]["job"] == "4242_1"  # training order: resnet, pnnh, plain
