@@ -146,11 +146,13 @@ def submit_sweep(spec: Any, out: str | Path, options: ClusterOptions, *, cluster
         return []
     groups = [todo[i:i + options.cells_per_job] for i in range(0, len(todo), options.cells_per_job)]
     executor = make_executor(out, options, cluster, name=f"pnnh-{out.name}")
+    for cell in todo:  # before submitting: a job that starts at once must not find its "running" overwritten
+        _update_state(out, cell, state="queued", submitted=_now(), cluster=cluster)
     with executor.batch():  # one job array
         jobs = [executor.submit(CellJob(spec, str(out), group, command)) for group in groups]
     for job, group in zip(jobs, groups):
         for cell in group:
-            _update_state(out, cell, state="queued", job=str(job.job_id), submitted=_now(), cluster=cluster)
+            _update_state(out, cell, job=str(job.job_id))
     return jobs
 
 
