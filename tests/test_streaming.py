@@ -265,3 +265,14 @@ def test_cli_writes_a_generated_folder_and_its_shards(tmp_path, capsys):
     assert s.train.image(0).size == (20, 12)
     assert main(["data", "shards", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "dataset 'folder' needs a data_dir" in capsys.readouterr().err
+
+
+def test_a_sweep_cell_on_streamed_data_is_probed_streamed(folder, tmp_path):
+    from pnnh.experiments.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(models=["resnet"], depths=[8], seeds=1, train={
+        "data": "folder", "data_dir": str(folder), "img_size": SIZE, "epochs": 1, "stream": True, "workers": 1,
+        "train_subset": 256, "test_subset": 64, "device": "cpu", "precision": "fp32"})
+    [record] = run_sweep(spec, tmp_path, progress=False)
+    assert record["status"] == "ok" and "probe_error" not in record
+    assert set(record["probe"]) == {"init", "end"} and len(record["probe"]["end"]["cka"]) > 1

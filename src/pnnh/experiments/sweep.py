@@ -349,18 +349,20 @@ def _saved_sweep(section: dict | None) -> dict:
 def probe_curves(cell: Cell, cfg: TrainConfig) -> dict:
     """Similarity to the input per layer, at init (same seed) and after training (``pnnh.load``:
     the best epoch's weights)."""
-    from pnnh.data import TensorLoader, load_dataset
+    from pnnh.data import load_dataset
+    from pnnh.data.streaming import load_streaming, make_loader, split_size
     from pnnh.models import create_model
     from pnnh.probe import probe_model
     from pnnh.train.load import load
 
     run = Path(cfg.out)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    splits = load_dataset(saved["data"], data_dir=saved.get("data_dir"), seed=saved["seed"],
-                          test_subset=saved.get("test_subset"), img_size=saved.get("img_size"))
-    n = min(PROBE_IMAGES, len(splits.test_y))
-    loader = TensorLoader(splits.test_x[:n], splits.test_y[:n], n, mean=splits.mean, std=splits.std, train=False)
-    x, y = next(iter(loader))
+    subsets = {"seed": saved["seed"], "test_subset": saved.get("test_subset"), "img_size": saved.get("img_size")}
+    # A streamed run's data is probed streamed too: its first test images, not the whole split in memory.
+    splits = (load_streaming(saved.get("data_dir"), **subsets) if saved.get("stream") is True else
+              load_dataset(saved["data"], data_dir=saved.get("data_dir"), **subsets))
+    n = min(PROBE_IMAGES, split_size(splits, "test"))
+    x, y = next(iter(make_loader(splits, "test", n, train=False, first=n)))
     curves = {}
     stages = ("init", "end") if (run / "last.pt").exists() else ("init",)  # none if epoch 1 diverged
     for stage in stages:
