@@ -240,9 +240,7 @@ def _set_up(cfg: TrainConfig, resume: bool, data: Any = None) -> tuple[_Run, dic
     Nothing is written yet: every ``ConfigError`` is raised before the first file.
     """
     from pnnh.models import create_model
-    from pnnh.data import load_dataset
-    from pnnh.data.memory import IN_MEMORY, memory_splits
-    from pnnh.data.streaming import default_workers, load_streaming, make_loader, split_size, stream_choice
+    from pnnh.data.streaming import make_loader, split_size
 
     rank, world = rank_and_world()
     # Every rank names the same directory (a default name holds a timestamp: take rank 0's).
@@ -253,25 +251,11 @@ def _set_up(cfg: TrainConfig, resume: bool, data: Any = None) -> tuple[_Run, dic
     ckpt = ddp.on_main(lambda: _checkpoint_to_resume(out) if resume else _refuse_non_empty(out))
 
     _seed_everything(cfg.seed)
-    subsets = {"val_size": cfg.val_size, "seed": cfg.seed, "train_subset": cfg.train_subset,
-               "test_subset": cfg.test_subset, "img_size": cfg.img_size}
-    if cfg.data == IN_MEMORY:
-        if data is None:
-            raise ConfigError(f"data {IN_MEMORY!r} names data held in memory: pass it as pnnh.train(config, "
-                              "data=(images, labels)) (a resumed run too), or name a dataset")
-        try:
-            splits, stream, source = memory_splits(data, **subsets), False, "(in memory)"
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    else:
-        try:
-            stream, source = stream_choice(cfg.stream, cfg.data, cfg.data_dir, cfg.img_size, cfg.memory_budget_gb)
-            splits = (load_streaming(cfg.data_dir, **subsets) if stream else
-                      load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, **subsets))
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
-    workers = (cfg.workers if cfg.workers is not None else default_workers()) if stream else cfg.workers
-    cfg = dataclasses.replace(cfg, workers=workers)  # config.yaml says how many ran
+    splits, stream, source = _load_splits(cfg, data)
+    if stream and cfg.workers is None:
+        from pnnh.data.streaming import default_workers
+
+        cfg = dataclasses.replace(cfg, workers=default_workers())  # config.yaml says how many ran
     try:
         model = create_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.in_chans,
                              img_size=splits.img_size, **cfg.model_kwargs)
@@ -293,20 +277,7 @@ def _set_up(cfg: TrainConfig, resume: bool, data: Any = None) -> tuple[_Run, dic
         model.to(memory_format=torch.channels_last)
     norm = {"device": device, "channels_last": cfg.channels_last, "rank": rank, "world_size": world,
             "workers": cfg.workers or 0}
-    try:
-        train_loader = make_loader(splits, "train", batch, train=True, crop_pad=cfg.crop_pad, seed=cfg.seed, **norm)
-    except ValueError:  # a batch larger than the training set
-        n = split_size(splits, "train")
-        over = f" over {world} processes" if world > 1 else ""
-        raise ConfigError(f"batch_size={cfg.batch_size}{over} is more than the {n} training images of {cfg.data!r}: "
-                          f"pass --batch-size {n - n % world} or less") from None
-    # Evaluation keeps no activations for backward, so it affords twice the batch. Each rank
-    # evaluates its shard of the split; _evaluate all-reduces the sums.
-    try:
-        eval_loaders = {name: make_loader(splits, name, 2 * batch, train=False, **norm)
-                        for name in ("val", "test") if split_size(splits, name)}
-    except ValueError as err:  # fewer images than ranks
-        raise ConfigError(f"cannot split the evaluation data of {cfg.data!r} over {world} processes: {err}") from err
+    train_loader, eval_loaders = _loaders(cfg, splits, batch, norm)
 
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
@@ -335,6 +306,53 @@ def _channels_last_on_cpu(cfg: TrainConfig, model: nn.Module, splits: Any, world
         return rule
     shape = (cfg.batch_size, splits.in_chans, splits.img_size, splits.img_size)
     return measured_channels_last(model, shape, resolve_precision(cfg.precision, "cpu"))
+
+
+def _load_splits(cfg: TrainConfig, data: Any) -> tuple[Any, bool, str]:
+    """The run's data: ``(splits, streamed, where it comes from)``; a ConfigError if it cannot be had."""
+    from pnnh.data import load_dataset
+    from pnnh.data.memory import IN_MEMORY, memory_splits
+    from pnnh.data.streaming import load_streaming, stream_choice
+
+    subsets = {"val_size": cfg.val_size, "seed": cfg.seed, "train_subset": cfg.train_subset,
+               "test_subset": cfg.test_subset, "img_size": cfg.img_size}
+    if cfg.data == IN_MEMORY:
+        if data is None:
+            raise ConfigError(f"data {IN_MEMORY!r} names data held in memory: pass it as pnnh.train(config, "
+                              "data=(images, labels)) (a resumed run too), or name a dataset")
+        try:
+            return memory_splits(data, **subsets), False, "(in memory)"
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    try:
+        stream, source = stream_choice(cfg.stream, cfg.data, cfg.data_dir, cfg.img_size, cfg.memory_budget_gb)
+        splits = (load_streaming(cfg.data_dir, **subsets) if stream else
+                  load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, **subsets))
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"cannot load dataset {cfg.data!r}: {err}") from err
+    return splits, stream, source
+
+
+def _loaders(cfg: TrainConfig, splits: Any, batch: int, norm: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The training loader (this rank's ``batch`` of every step) and one evaluation loader per split."""
+    from pnnh.data.streaming import make_loader, split_size
+
+    world = norm["world_size"]
+    try:
+        train_loader = make_loader(splits, "train", batch, train=True, crop_pad=cfg.crop_pad, seed=cfg.seed, **norm)
+    except ValueError:  # a batch larger than the training set
+        n = split_size(splits, "train")
+        over = f" over {world} processes" if world > 1 else ""
+        raise ConfigError(f"batch_size={cfg.batch_size}{over} is more than the {n} training images of {cfg.data!r}: "
+                          f"pass --batch-size {n - n % world} or less") from None
+    # Evaluation keeps no activations for backward, so it affords twice the batch. Each rank
+    # evaluates its shard of the split; _evaluate all-reduces the sums.
+    try:
+        eval_loaders = {name: make_loader(splits, name, 2 * batch, train=False, **norm)
+                        for name in ("val", "test") if split_size(splits, name)}
+    except ValueError as err:  # fewer images than ranks
+        raise ConfigError(f"cannot split the evaluation data of {cfg.data!r} over {world} processes: {err}") from err
+    return train_loader, eval_loaders
 
 
 def _restore(run: _Run, ckpt: dict[str, Any]) -> None:
