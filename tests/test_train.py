@@ -69,7 +69,8 @@ def test_run_files(small_run):
                                                      "metrics.jsonl", "model.safetensors", "result.json"]
     saved = load_config(out / "config.yaml")  # the resolved config is itself a valid config
     assert (saved.optimizer, saved.lr, saved.schedule, saved.nesterov) == ("sgd", 0.05, "cosine", True)
-    assert saved.channels_last is True and saved.crop_pad == 0 and saved.out == str(out)
+    assert saved.channels_last in (True, False)  # auto resolved: the layout measured faster (pnnh.train.speed)
+    assert saved.crop_pad == 0 and saved.out == str(out)
     lines = read_metrics(out)
     for line in lines:
         assert {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
