@@ -186,8 +186,8 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, name):
     # Every rank reports the same all-reduced metrics; only rank 0 wrote the run directory.
     m0, m1 = (o["result"]["metrics"] for o in outcomes)
     assert {k: v for k, v in m0.items() if k not in TIMING_KEYS} == {k: v for k, v in m1.items() if k not in TIMING_KEYS}
-    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl",
-                                                     "result.json"]
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.json", "config.yaml", "last.pt",
+                                                     "metrics.jsonl", "model.safetensors", "result.json"]
     assert load_config(two / "config.yaml").batch_size == 64  # the global batch is what is saved
     if name in BN_MODELS:
         assert_same_run(two, root / f"{name}-1p-ghost")
