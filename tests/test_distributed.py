@@ -43,7 +43,9 @@ SRC = Path(pnnh.__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TIMING_KEYS = {"images_per_s", "seconds"}
 BASE = {"data": "fashion-mnist", "train_subset": 64, "test_subset": 101, "batch_size": 64, "epochs": 3,
-        "device": "cpu", "precision": "fp32", "seed": 0}
+        "device": "cpu", "precision": "fp32", "seed": 0,
+        # One layout for both: under "auto" one process measures its layout, several use the width rule.
+        "channels_last": False}
 MODELS = {
     "resnet20": {"model": "resnet20", "model_kwargs": {"width": 4}, "lr": 0.2},
     "pnnh20": {"model": "pnnh20", "model_kwargs": {"width": 8}, "lr": 0.2},
