@@ -212,8 +212,12 @@ def _by_variant(rows):
 
 
 def _legend(ax) -> None:
-    """Inside the axes for a few variants; outside on the right when it would cover the data."""
-    if len(ax.get_legend_handles_labels()[1]) > 5:
+    """Inside the axes for a few variants; outside on the right when it would cover the data;
+    none when nothing was plotted (every cell of the sweep failed)."""
+    labels = len(ax.get_legend_handles_labels()[1])
+    if labels == 0:
+        return
+    if labels > 5:
         ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     else:
         ax.legend()
