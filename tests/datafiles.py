@@ -24,6 +24,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
+def fashion_with_bad_label(fashion_dir: Path, root: Path, index: int, label: int) -> Path:
+    """``root/fashion-mnist``: Debian's files linked in, except test labels all 0 but ``label`` at ``index``."""
+    d = root / "fashion-mnist"
+    d.mkdir()
+    for f in FASHION_FILES[:3]:
+        (d / f).symlink_to(fashion_dir / f)
+    labels = np.zeros(10000, np.uint8)
+    labels[index] = label
+    write_idx(d / "t10k-labels-idx1-ubyte", labels)
+    return d
+
+
 def cifar_arrays(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, num_classes, n).tolist()

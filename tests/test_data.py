@@ -21,7 +21,7 @@ from pnnh.cli import data as data_cli
 from pnnh.data import datasets as datasets_module
 from pnnh.data.formats import read_idx, safe_extract_tar
 
-from datafiles import FASHION_FILES, png_declaring, tar_gz, write_cifar10, write_cifar100, write_idx
+from datafiles import FASHION_FILES, fashion_with_bad_label, png_declaring, tar_gz, write_cifar10, write_cifar100, write_idx
 
 # --- Fashion-MNIST and IDX ---------------------------------------------------------
 
@@ -136,13 +136,7 @@ def test_explicit_data_dir_is_used_or_fails(fashion_dir, tmp_path, monkeypatch):
 
 
 def test_labels_outside_the_classes_are_refused_at_load(fashion_dir, tmp_path):
-    d = tmp_path / "fashion-mnist"
-    d.mkdir()
-    for f in FASHION_FILES[:3]:
-        (d / f).symlink_to(fashion_dir / f)
-    labels = np.zeros(10000, np.uint8)
-    labels[17] = 10
-    write_idx(d / "t10k-labels-idx1-ubyte", labels)
+    fashion_with_bad_label(fashion_dir, tmp_path, index=17, label=10)
     with pytest.raises(DatasetFormatError, match=r"t10k-labels-idx1-ubyte: label 10 at index 17 is outside the "
                                                  r"10 classes 0..9 \(1 such labels\)"):
         load_dataset("fashion-mnist", data_dir=tmp_path)

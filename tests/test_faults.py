@@ -16,13 +16,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import pnnh
-from datafiles import FASHION_FILES, png_declaring, write_idx
+from datafiles import fashion_with_bad_label, png_declaring
 from pnnh.cli import main
 from pnnh.experiments.sweep import load_sweep, probe_curves
 from pnnh.models import create_model
@@ -291,13 +290,7 @@ def test_data_download_into_a_read_only_disk_is_one_line(capsys, tmp_path):
 
 
 def test_labels_outside_the_classes_are_one_line(capsys, fashion_dir, tmp_path):
-    d = tmp_path / "fashion-mnist"
-    d.mkdir()
-    for f in FASHION_FILES[:3]:
-        (d / f).symlink_to(fashion_dir / f)
-    labels = np.zeros(10000, np.uint8)
-    labels[5] = 255
-    write_idx(d / "t10k-labels-idx1-ubyte", labels)
+    fashion_with_bad_label(fashion_dir, tmp_path, index=5, label=255)
     fails_cleanly(capsys, ["data", "info", "fashion-mnist", "--data-dir", tmp_path], "label 255 at index 5",
                   untouched=(tmp_path,))
 
