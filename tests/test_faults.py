@@ -216,6 +216,19 @@ def test_a_sweep_with_a_failed_cell_exits_1_naming_it(capsys, tmp_path):
     assert (tmp_path / "sweep" / "report.md").exists()  # the report is written all the same
 
 
+def test_the_demo_with_a_failed_cell_exits_1_naming_it(capsys, tmp_path, monkeypatch):
+    from pnnh.cli import sweep as cli_sweep
+
+    # the demo's grid with a depth pnnh cannot build (7) beside one it can (8), on tiny settings
+    tiny = {"models": ["pnnh"], "depths": [7, 8], "seeds": 1, "train": {"epochs": 1, "batch_size": 64}}
+    monkeypatch.setattr(cli_sweep, "DEMO", tiny)
+    status = main(["demo", "--data", "digits", "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "pnnh demo: 1 of 2 cells failed: pnnh-d7-s0 (ConfigError: cannot build model" in err
+    assert (tmp_path / "demo" / "report.md").exists()
+
+
 # --- 4. one line, exit 2, for what users get wrong ------------------------------------------------
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def _submit(args, spec, command: str) -> int:
     return _finish(args.out, read_cells(args.out))
 
 
-def _finish(out, records: list[dict]) -> int:
+def _finish(out, records: list[dict], command: str = "sweep") -> int:
     """Write the report, print the table; exit status 1 when a cell failed."""
     from pnnh.experiments.report import aggregate, format_console_table, write_report
     from pnnh.experiments.sweep import failure_summary
@@ -145,7 +145,7 @@ def _finish(out, records: list[dict]) -> int:
     print(f"report: {report}")
     failed = failure_summary(records)
     if failed:  # the report is written either way; the exit status tells a script the grid is incomplete
-        print(f"pnnh sweep: {failed}", file=sys.stderr)
+        print(f"pnnh {command}: {failed}", file=sys.stderr)
         return 1
     return 0
 
@@ -166,7 +166,6 @@ def run_report(args) -> int:
 
 def run_demo(args) -> int:
     from pnnh.data import load_dataset
-    from pnnh.experiments.report import aggregate, format_console_table, write_report
     from pnnh.experiments.sweep import load_sweep, run_sweep
 
     data = args.data
@@ -184,8 +183,7 @@ def run_demo(args) -> int:
     print(f"pnnh demo: {', '.join(DEMO['models'])} at depths {DEMO['depths']} on {data} -> {args.out}")
     start = time.time()
     records = run_sweep(spec, args.out, command=f"pnnh demo --out {args.out} --data {data}")
-    report = write_report(args.out)
     print()
-    print(format_console_table(aggregate(records)))
-    print(f"\nreport with plots: {report}  ({time.time() - start:.0f} s)")
-    return 0
+    status = _finish(args.out, records, "demo")  # exit 1, naming each, when a cell failed
+    print(f"({time.time() - start:.0f} s)")
+    return status
