@@ -256,8 +256,13 @@ def test_table_against_the_reference_pairs_seeds():
              cell("plain", 56, 0, None, 1000, status="diverged"), cell("plain", 20, 0, 0.8, 300)]
     lines = table_vs_reference(cells, "resnet").splitlines()
     assert lines[0].startswith("| variant | depth | test accuracy − resnet (points)")
-    assert lines[2:] == ["| pnnh | 56 | +0.25 [-0.50, +1.00] | 0, 1 | 0.50x |"]
+    assert lines[2:] == ["| pnnh | 56 | +0.25 [-0.50, +1.00] | +1.00 / -0.50 | 0, 1 | 0.50x |"]
     assert table_vs_reference(cells, "nothing") is None
+    for c, val in zip(cells, (0.80, 0.84, 0.83, 0.83, 0.9, None, 0.7)):
+        c["val_acc"] = val
+    lines = table_vs_reference(cells, "resnet", "val_acc").splitlines()
+    assert lines[0].startswith("| variant | depth | validation accuracy − resnet (points)")
+    assert lines[2:] == ["| pnnh | 56 | +1.00 [-1.00, +3.00] | +3.00 / -1.00 | 0, 1 | 0.50x |"]
 
 
 def test_variant_by_depth_table():

@@ -98,11 +98,13 @@ DEFAULT_REFERENCE = "resnet"
 NOTES_FILE = "notes.md"
 
 
-def table_vs_reference(cells: list[dict], reference: str) -> str | None:
+def table_vs_reference(cells: list[dict], reference: str, metric: str = "test_acc") -> str | None:
     """Each variant minus ``reference`` at each depth, seed by seed (same seed: same data order and
-    augmentation), in test-accuracy points, with the parameter ratio: the view that answers "does
-    X match the reference at half its parameters?". ``None`` when nothing can be compared."""
-    ok = {(c["variant"], c["depth"], c["seed"]): c for c in cells if c["status"] == "ok" and c["test_acc"] is not None}
+    augmentation), in accuracy points (``metric``: ``test_acc`` or ``val_acc``), with the
+    difference on every seed and the parameter ratio: the view that answers "does X match the
+    reference at half its parameters?". ``None`` when nothing can be compared."""
+    ok = {(c["variant"], c["depth"], c["seed"]): c for c in cells
+          if c["status"] == "ok" and c.get(metric) is not None}
     lines = []
     for variant in dict.fromkeys(c["variant"] for c in cells):
         if variant == reference:
@@ -111,16 +113,17 @@ def table_vs_reference(cells: list[dict], reference: str) -> str | None:
             seeds = sorted(s for (v, d, s) in ok if v == variant and d == depth and (reference, d, s) in ok)
             if not seeds:
                 continue
-            deltas = [100 * (ok[variant, depth, s]["test_acc"] - ok[reference, depth, s]["test_acc"]) for s in seeds]
+            deltas = [100 * (ok[variant, depth, s][metric] - ok[reference, depth, s][metric]) for s in seeds]
             mine, theirs = ok[variant, depth, seeds[0]]["params"], ok[reference, depth, seeds[0]]["params"]
             ratio = f"{mine / theirs:.2f}x" if mine and theirs else "—"
             spread = f" [{min(deltas):+.2f}, {max(deltas):+.2f}]" if len(deltas) > 1 else ""
             lines.append(f"| {variant} | {depth} | {statistics.fmean(deltas):+.2f}{spread} | "
-                         f"{', '.join(map(str, seeds))} | {ratio} |")
+                         f"{' / '.join(f'{d:+.2f}' for d in deltas)} | {', '.join(map(str, seeds))} | {ratio} |")
     if not lines:
         return None
-    return "\n".join([f"| variant | depth | test accuracy − {reference} (points): mean [min, max] over seeds "
-                      f"| seeds compared | params / {reference} |", "|---|---:|---:|---|---:|", *lines])
+    name = {"test_acc": "test", "val_acc": "validation"}.get(metric, metric)
+    return "\n".join([f"| variant | depth | {name} accuracy − {reference} (points): mean [min, max] over seeds "
+                      f"| per seed | seeds compared | params / {reference} |", "|---|---:|---:|---:|---|---:|", *lines])
 
 
 def write_report(out: str | Path, reference: str | None = None) -> Path:
@@ -168,6 +171,9 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
     wide = table_by_depth(rows)
     if wide is not None:
         text += ["The same, one row per variant:", "", wide, ""]
+    versus = table_vs_reference(cells, reference, "val_acc") if reference else None
+    if versus is not None:  # the deciding comparison, when the sweep held out a validation split
+        text += [f"Each variant against {reference}, seed by seed, on validation accuracy:", "", versus, ""]
     versus = table_vs_reference(cells, reference) if reference else None
     if versus is not None:
         text += [f"Each variant against {reference}, seed by seed:", "", versus, ""]
