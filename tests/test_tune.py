@@ -15,7 +15,7 @@ import yaml
 
 import pnnh
 from pnnh.experiments.sweep import load_sweep
-from pnnh.experiments.tune import load_tune, tune
+from pnnh.experiments.tune import load_tune, recipe_params, tune
 from pnnh.train.config import ConfigError, load_config
 
 TUNE = {
@@ -66,6 +66,8 @@ def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
     assert stale.state == optuna.trial.TrialState.FAIL
     assert study.trials[stale.number + 1].params == stale.params  # the killed trial's settings tried again
     assert all(t.intermediate_values for t in finished)  # the pruner saw every epoch's val_acc
+    # the untuned recipe, scored first: SGD lr 0.1 scaled to batch 64, one warm-up epoch
+    assert study.trials[0].params == {"lr": 0.05, "warmup_epochs": 1.0}
 
     best = load_config(out / "best.yaml", {"out": str(tmp_path / "best-run")})
     assert best.lr == study.best_params["lr"] and best.warmup_epochs == study.best_params["warmup_epochs"]
@@ -78,6 +80,17 @@ def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
     assert (cell_cfg.model, cell.depth, len(sweep.seeds)) == ("resnet", 8, 3)
     assert (cell_cfg.lr, cell_cfg.warmup_epochs, cell_cfg.model_kwargs) == (best.lr, best.warmup_epochs,
                                                                               best.model_kwargs)
+
+
+def test_the_first_trial_is_the_methods_own_recipe_where_the_space_holds_it():
+    space = {"lr": {"low": 0.003, "high": 0.5, "log": True}, "warmup_epochs": {"low": 0.0, "high": 0.5},
+             "grad_clip": {"choices": [None, 1.0]}, "scalar_lr_scale": {"choices": [0.1, 1.0]},
+             "model_kwargs.eta": {"choices": [0.9, 0.99]}, "model_kwargs.width": {"low": 4, "high": 8}}
+    base = {**TUNE["train"], "lr": 0.05}
+    # lr from the recipe, warm-up's default (1.0) outside the space, defaults for grad_clip and the
+    # scalar lr, a model keyword the recipe does not set left to the sampler, one it sets kept
+    assert recipe_params(base, space) == {"lr": 0.05, "grad_clip": None, "scalar_lr_scale": 0.1,
+                                          "model_kwargs.width": 4}
 
 
 def test_tune_file_errors_name_the_bad_value(tmp_path):

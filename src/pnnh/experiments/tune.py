@@ -11,6 +11,8 @@ A tune file (``configs/tune-*.yaml``) holds the method's training config and the
     train: {model: fixup_resnet, model_kwargs: {depth: 56}, data: fashion-mnist, val_size: 5000, ...}
 
 Every trial is one ``pnnh.train`` run under ``OUT/trials/NNN`` scored by its validation accuracy;
+the first is the method's own recipe (the ``train:`` values, else the defaults, of the searched
+fields: ``recipe_params``), so the untuned recipe is always among the scored settings;
 Optuna's MedianPruner stops a trial whose per-epoch validation accuracy falls below the median of
 earlier trials at the same epoch (the trainer's ``on_epoch_end`` callback raises ``TrialPruned``).
 The study lives in ``OUT/study.db`` (SQLite, Optuna's RDB storage), so re-running the command
@@ -31,7 +33,7 @@ import optuna
 import yaml
 
 from pnnh.io import atomic_write_text
-from pnnh.train.config import FIELDS, ConfigError, load_config
+from pnnh.train.config import FIELDS, ConfigError, load_config, resolve_config
 from pnnh.train.trainer import train
 
 STUDY = "pnnh-tune"
@@ -92,6 +94,33 @@ def trial_config(base: dict, params: dict) -> dict:
     return cfg
 
 
+def recipe_params(base: dict, space: dict) -> dict:
+    """The values the method's own recipe (``base``, else TrainConfig's defaults) gives the searched
+    fields, where they lie inside the space: the study's first trial, so the search always scores
+    the untuned recipe too and the best trial is never worse than it (on the tuning seed). A
+    ``model_kwargs.KEY`` the recipe does not set, or a value outside the space, is left to the sampler."""
+    from pnnh.models import create_model
+    from pnnh.models.registry import model_arch
+
+    cfg = load_config(base)
+    # the recipe's defaults depend on the architecture (e.g. SGD lr 0.1 for a CNN, AdamW for a ViT)
+    cfg = resolve_config(cfg, model_arch(create_model(cfg.model, **cfg.model_kwargs)), img_size=32)
+    params = {}
+    for name, dist in space.items():
+        if name.startswith("model_kwargs."):
+            key = name.split(".", 1)[1]
+            if key not in (base.get("model_kwargs") or {}):
+                continue
+            value = base["model_kwargs"][key]
+        else:
+            value = getattr(cfg, name)
+        inside = (value in dist["choices"]) if "choices" in dist else (
+            isinstance(value, (int, float)) and dist["low"] <= value <= dist["high"])
+        if inside:
+            params[name] = value
+    return params
+
+
 class PruneOnValAcc:
     """Training callback: report each epoch's validation accuracy to the trial; prune below the median."""
 
@@ -127,6 +156,8 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
             study_name=STUDY, storage=f"sqlite:///{(out / 'study.db').resolve()}", load_if_exists=True,
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+        if not study.trials:  # a new study: its first trial is the method's own recipe
+            study.enqueue_trial(recipe_params(base, space))
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # we hold the lock, so no process is running it: a killed run. Try its parameters again.
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
