@@ -93,6 +93,23 @@ def test_the_first_trial_is_the_methods_own_recipe_where_the_space_holds_it():
                                           "model_kwargs.width": 4}
 
 
+def test_the_pruner_stops_a_trial_early_but_never_after_its_last_epoch():
+    from pnnh.experiments.tune import PruneOnValAcc
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    for _ in range(2):  # two good finished trials set the median
+        good = study.ask()
+        for epoch in (1, 2, 3):
+            good.report(0.9, epoch)
+        study.tell(good, 0.9)
+    bad = PruneOnValAcc(study.ask(), epochs=3)
+    with pytest.raises(optuna.TrialPruned, match="at epoch 1"):
+        bad.on_epoch_end(1, {"val_acc": 0.1})
+    last = PruneOnValAcc(study.ask(), epochs=3)
+    last.on_epoch_end(3, {"val_acc": 0.1})  # below the median, but the run is done: it keeps its score
+    assert last.trial.should_prune()
+
+
 def test_tune_file_errors_name_the_bad_value(tmp_path):
     bad = tmp_path / "bad.yaml"
     for section, message in [({"tune": {"space": {"lr": {"low": 0.01, "high": 0.3}}}, "train": {"model": "resnet8", "data": "digits"}},

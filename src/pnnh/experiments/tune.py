@@ -122,14 +122,15 @@ def recipe_params(base: dict, space: dict) -> dict:
 
 
 class PruneOnValAcc:
-    """Training callback: report each epoch's validation accuracy to the trial; prune below the median."""
+    """Training callback: report each epoch's validation accuracy to the trial; prune below the
+    median, but never after the last of ``epochs``: a finished run keeps its score (and can win)."""
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial = trial
+    def __init__(self, trial: optuna.Trial, epochs: int):
+        self.trial, self.epochs = trial, epochs
 
     def on_epoch_end(self, epoch: int, record: dict) -> None:
         self.trial.report(record["val_acc"], epoch)
-        if self.trial.should_prune():
+        if epoch < self.epochs and self.trial.should_prune():
             raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
 
 
@@ -167,7 +168,7 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
             params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
             cfg = trial_config(base, params)
             cfg["out"] = str(out / "trials" / f"{trial.number:03d}")
-            result = train(cfg, callbacks=[PruneOnValAcc(trial)], progress=progress)
+            result = train(cfg, callbacks=[PruneOnValAcc(trial, load_config(cfg).epochs)], progress=progress)
             return result.metrics.get("val_acc") or 0.0  # a diverged run scores 0
 
         while (left := n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))) > 0:
