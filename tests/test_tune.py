@@ -69,6 +69,10 @@ def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
     # the untuned recipe, scored first: SGD lr 0.1 scaled to batch 64, one warm-up epoch
     assert study.trials[0].params == {"lr": 0.05, "warmup_epochs": 1.0}
 
+    table = (out / "trials.md").read_text().splitlines()
+    assert table[2].startswith("| trial | state | lr | warmup_epochs | val acc % per epoch | score |")
+    assert len(table) == 4 + len(study.trials) and f"| **{study.best_trial.number}** |" in "\n".join(table)
+    assert "| fail |" in "\n".join(table)  # the killed trial is listed too
     best = load_config(out / "best.yaml", {"out": str(tmp_path / "best-run")})
     assert best.lr == study.best_params["lr"] and best.warmup_epochs == study.best_params["warmup_epochs"]
     result = pnnh.train(best, progress=False)

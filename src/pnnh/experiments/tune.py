@@ -18,8 +18,9 @@ earlier trials at the same epoch (the trainer's ``on_epoch_end`` callback raises
 The study lives in ``OUT/study.db`` (SQLite, Optuna's RDB storage), so re-running the command
 continues it: a trial left running by a killed process is marked failed and its parameters are
 tried again, and the study stops at ``trials`` complete or pruned trials. At the end
-``OUT/best.yaml`` is the best trial's training config (``pnnh train --config OUT/best.yaml --out
-DIR``) and ``OUT/best-sweep.yaml`` the same as a one-variant sweep recipe (``pnnh sweep --config``).
+``OUT/trials.md`` lists every trial, ``OUT/best.yaml`` is the best trial's training config
+(``pnnh train --config OUT/best.yaml --out DIR``) and ``OUT/best-sweep.yaml`` the same as a
+one-variant sweep recipe (``pnnh sweep --config``).
 """
 from __future__ import annotations
 
@@ -177,8 +178,26 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
     return study
 
 
+def trials_table(study: optuna.Study) -> str:
+    """Every trial of ``study`` as a markdown table: its state, parameters, validation accuracy
+    after each epoch and its score; the best trial in bold."""
+    best = study.best_trial.number if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
+    names = list(dict.fromkeys(k for t in study.trials for k in t.params))
+    lines = ["| trial | state | " + " | ".join(names) + " | val acc % per epoch | score |",
+             "|---:|---|" + "---:|" * len(names) + "---|---:|"]
+    for t in study.trials:
+        params = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (t.params.get(n, "") for n in names)]
+        curve = " / ".join(f"{100 * v:.2f}" for _, v in sorted(t.intermediate_values.items())) or "—"
+        score = f"{100 * t.value:.2f}" if t.value is not None else "—"
+        number = f"**{t.number}**" if t.number == best else str(t.number)
+        lines.append(f"| {number} | {t.state.name.lower()} | " + " | ".join(params) + f" | {curve} | {score} |")
+    return "\n".join(lines)
+
+
 def write_best(study: optuna.Study, base: dict, out: Path, source: str | Path) -> None:
-    """``best.yaml`` (a training config) and ``best-sweep.yaml`` (a one-variant sweep recipe)."""
+    """``best.yaml`` (a training config), ``best-sweep.yaml`` (a one-variant sweep recipe) and
+    ``trials.md`` (every trial, ``trials_table``)."""
+    atomic_write_text(out / "trials.md", f"# pnnh tune: {source}\n\n" + trials_table(study) + "\n")
     best = study.best_trial
     cfg = trial_config(base, best.params)
     cfg.pop("out", None)
