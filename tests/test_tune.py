@@ -15,7 +15,7 @@ import yaml
 
 import pnnh
 from pnnh.experiments.sweep import load_sweep
-from pnnh.experiments.tune import load_tune, recipe_params, tune
+from pnnh.experiments.tune import load_tune, recipe_params, retry_failed, tune
 from pnnh.train.config import ConfigError, load_config
 
 TUNE = {
@@ -112,6 +112,28 @@ def test_the_pruner_stops_a_trial_early_but_never_after_its_last_epoch():
     last = PruneOnValAcc(study.ask(), epochs=3)
     last.on_epoch_end(3, {"val_acc": 0.1})  # below the median, but the run is done: it keeps its score
     assert last.trial.should_prune()
+
+
+def test_a_diverging_setting_scores_zero_and_the_study_goes_on(tmp_path):
+    config = tmp_path / "tune.yaml"
+    # lr 100 makes TAT's normalisation-free plain net reach a NaN loss within a few steps (the
+    # recipe's lr is not a choice, so every trial diverges)
+    config.write_text(yaml.safe_dump({"tune": {"trials": 2, "space": {"lr": {"choices": [100.0]}}},
+                                      "train": {**TUNE["train"], "model": "tat_plain", "epochs": 1}}))
+    study = tune(config, tmp_path / "study", progress=False)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(t.value == 0.0 and "training diverged" in t.user_attrs["diverged"] for t in study.trials)
+    assert (tmp_path / "study" / "trials.md").read_text().count("| diverged |") == 2
+
+
+def test_failed_trials_are_queued_again_once():
+    study = optuna.create_study(direction="maximize")
+    failed = study.ask({"lr": optuna.distributions.FloatDistribution(0.01, 0.3)})
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    retry_failed(study)
+    retry_failed(study)  # already queued: not twice
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == failed.params
 
 
 def test_tune_file_errors_name_the_bad_value(tmp_path):

@@ -14,7 +14,8 @@ Every trial is one ``pnnh.train`` run under ``OUT/trials/NNN`` scored by its val
 the first is the method's own recipe (the ``train:`` values, else the defaults, of the searched
 fields: ``recipe_params``), so the untuned recipe is always among the scored settings;
 Optuna's MedianPruner stops a trial whose per-epoch validation accuracy falls below the median of
-earlier trials at the same epoch (the trainer's ``on_epoch_end`` callback raises ``TrialPruned``).
+earlier trials at the same epoch (the trainer's ``on_epoch_end`` callback raises ``TrialPruned``);
+a trial whose training diverges scores 0 (and is listed as diverged) instead of ending the study.
 The study lives in ``OUT/study.db`` (SQLite, Optuna's RDB storage), so re-running the command
 continues it: a trial left running by a killed process is marked failed and its parameters are
 tried again, and the study stops at ``trials`` complete or pruned trials. At the end
@@ -35,7 +36,7 @@ import yaml
 
 from pnnh.io import atomic_write_text
 from pnnh.train.config import FIELDS, ConfigError, load_config, resolve_config
-from pnnh.train.trainer import train
+from pnnh.train.trainer import TrainingDiverged, train
 
 STUDY = "pnnh-tune"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -135,6 +136,20 @@ class PruneOnValAcc:
             raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
 
 
+def retry_failed(study: optuna.Study) -> None:
+    """Queue again the parameters of every failed trial (a killed process, an error) that no later
+    trial has taken up, so a resumed study tries the same settings an uninterrupted one would."""
+    trials = study.get_trials(deepcopy=False)
+
+    def params(t: optuna.trial.FrozenTrial) -> dict:
+        return t.params or t.system_attrs.get("fixed_params", {})
+
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and not any(
+                u.number > t.number and params(u) == t.params for u in trials):
+            study.enqueue_trial(t.params, skip_if_exists=False)
+
+
 @contextmanager
 def _study_lock(out: Path) -> Iterator[None]:
     """Held while a process runs the study: a second process is refused, a stale one detected."""
@@ -161,16 +176,20 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
         if not study.trials:  # a new study: its first trial is the method's own recipe
             study.enqueue_trial(recipe_params(base, space))
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            # we hold the lock, so no process is running it: a killed run. Try its parameters again.
+            # we hold the lock, so no process is running it: a killed run.
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(stale.params, skip_if_exists=False)
+        retry_failed(study)
 
         def objective(trial: optuna.Trial) -> float:
             params = {name: _suggest(trial, name, dist) for name, dist in space.items()}
             cfg = trial_config(base, params)
             cfg["out"] = str(out / "trials" / f"{trial.number:03d}")
-            result = train(cfg, callbacks=[PruneOnValAcc(trial, load_config(cfg).epochs)], progress=progress)
-            return result.metrics.get("val_acc") or 0.0  # a diverged run scores 0
+            try:
+                result = train(cfg, callbacks=[PruneOnValAcc(trial, load_config(cfg).epochs)], progress=progress)
+            except TrainingDiverged as err:  # a setting that diverges is a result: the worst score, not a crash
+                trial.set_user_attr("diverged", str(err).splitlines()[0])
+                return 0.0
+            return result.metrics.get("val_acc") or 0.0
 
         while (left := n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))) > 0:
             study.optimize(objective, n_trials=left)
@@ -190,7 +209,8 @@ def trials_table(study: optuna.Study) -> str:
         curve = " / ".join(f"{100 * v:.2f}" for _, v in sorted(t.intermediate_values.items())) or "—"
         score = f"{100 * t.value:.2f}" if t.value is not None else "—"
         number = f"**{t.number}**" if t.number == best else str(t.number)
-        lines.append(f"| {number} | {t.state.name.lower()} | " + " | ".join(params) + f" | {curve} | {score} |")
+        state = "diverged" if "diverged" in t.user_attrs else t.state.name.lower()
+        lines.append(f"| {number} | {state} | " + " | ".join(params) + f" | {curve} | {score} |")
     return "\n".join(lines)
 
 
