@@ -65,6 +65,8 @@ def test_study_resumes_after_sigkill_and_its_best_config_trains(tmp_path):
     stale = study.trials[running[0].number]
     assert stale.state == optuna.trial.TrialState.FAIL
     assert study.trials[stale.number + 1].params == stale.params  # the killed trial's settings tried again
+    settings = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(settings)) == len(settings)  # the resumed sampler does not draw earlier settings again
     assert all(t.intermediate_values for t in finished)  # the pruner saw every epoch's val_acc
     # the untuned recipe, scored first: SGD lr 0.1 scaled to batch 64, one warm-up epoch
     assert study.trials[0].params == {"lr": 0.05, "warmup_epochs": 1.0}

@@ -175,6 +175,8 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
         if not study.trials:  # a new study: its first trial is the method's own recipe
             study.enqueue_trial(recipe_params(base, space))
+        else:  # resumed: a sampler seeded as at the start would draw the settings already tried again
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # we hold the lock, so no process is running it: a killed run.
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
