@@ -1,0 +1,41 @@
+"""The tuned-baselines table of the README (issue 19, objection 2), from the studies and the sweep.
+
+    python results/review-tuned-baselines/table.py [SWEEP_DIR]   # default runs/review-tuned-baselines
+
+Per method: the tuned setting (the study's best trial), the study's score of the method's own
+recipe (trial 0) and of its best trial (seed 0, validation), then the tuned setting on 3 seeds
+(validation per seed, mean ± sample std, test mean) from the sweep.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import optuna
+
+METHODS = {"plain": "plain", "resnet": "resnet", "pnnh": "pnnh", "fixup": "fixup_resnet",
+           "skipinit": "skipinit_resnet", "rezero": "rezero_resnet", "tat": "tat_plain", "dirac": "dirac_ncrelu"}
+ROOT = Path(__file__).resolve().parents[2]
+sweep = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "runs" / "review-tuned-baselines"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+cells = json.loads((sweep / "results.json").read_text())["cells"]
+print("| method (depth 56) | tuned setting | study: own recipe → best (val %, seed 0) | tuned, val % per seed | val mean ± std | test mean |")
+print("|---|---|---:|---:|---:|---:|")
+for method, model in METHODS.items():
+    db = ROOT / "runs" / f"tune-{method}" / "study.db"
+    if not db.exists():
+        print(f"| {method} | no study | | | | |")
+        continue
+    study = optuna.load_study(study_name="pnnh-tune", storage=f"sqlite:///{db}")
+    recipe = study.trials[0].value
+    best = study.best_trial
+    setting = ", ".join(f"{k.replace('model_kwargs.', '')} {v:.3g}" if isinstance(v, float) else f"{k.replace('model_kwargs.', '')} {v}"
+                        for k, v in best.params.items())
+    mine = sorted((c for c in cells if c["variant"] == f"{model}-tuned" and c["depth"] == 56), key=lambda c: c["seed"])
+    vals = [100 * c["val_acc"] if c["status"] == "ok" and c["val_acc"] is not None else None for c in mine]
+    per_seed = " / ".join("diverged" if v is None else f"{v:.2f}" for v in vals)
+    ok = [v for v in vals if v is not None]
+    tests = [100 * c["test_acc"] for c in mine if c["status"] == "ok" and c["test_acc"] is not None]
+    mean = f"{statistics.fmean(ok):.2f} ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else (f"{ok[0]:.2f}" if ok else "—")
+    test = f"{statistics.fmean(tests):.2f}" if tests else "—"
+    print(f"| {method} ({model}) | {setting} | {100 * (recipe or 0):.2f} → {100 * best.value:.2f} | {per_seed} | {mean} | {test} |")
