@@ -27,7 +27,8 @@ for method, model in METHODS.items():
         print(f"| {method} | no study | | | | |")
         continue
     study = optuna.load_study(study_name="pnnh-tune", storage=f"sqlite:///{db}")
-    recipe = study.trials[0].value
+    first = study.trials[0]
+    recipe = "diverged" if "diverged" in first.user_attrs else f"{100 * (first.value or 0):.2f}"
     best = study.best_trial
     setting = ", ".join(f"{k.replace('model_kwargs.', '')} {v:.3g}" if isinstance(v, float) else f"{k.replace('model_kwargs.', '')} {v}"
                         for k, v in best.params.items())
@@ -38,4 +39,4 @@ for method, model in METHODS.items():
     tests = [100 * c["test_acc"] for c in mine if c["status"] == "ok" and c["test_acc"] is not None]
     mean = f"{statistics.fmean(ok):.2f} ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else (f"{ok[0]:.2f}" if ok else "—")
     test = f"{statistics.fmean(tests):.2f}" if tests else "—"
-    print(f"| {method} ({model}) | {setting} | {100 * (recipe or 0):.2f} → {100 * best.value:.2f} | {per_seed} | {mean} | {test} |")
+    print(f"| {method} ({model}) | {setting} | {recipe} → {100 * best.value:.2f} | {per_seed} | {mean} | {test} |")
