@@ -31,11 +31,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave, paired_ratio  # noqa: E402
+from pnnh.experiments.bench import BenchConfig, interleave, paired_ratio, trainer_bench  # noqa: E402
 from pnnh.experiments.sweep import read_cells  # noqa: E402
 from pnnh.io import atomic_write_text  # noqa: E402
 from pnnh.train.config import resolve_precision  # noqa: E402
-from pnnh.train.speed import measured_channels_last  # noqa: E402
 
 KIND_COLORS = {"resnet": "tab:blue", "pnnh": "tab:red", "plain": "tab:gray"}
 
@@ -80,14 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision("auto", "cpu")
     cfg = BenchConfig(batch_size=args.batch_size, repeats=args.repeats, img_size=args.img_size,
                       in_chans=args.in_chans)
-    shape = (args.batch_size, args.in_chans, args.img_size, args.img_size)
     benches = {}
     for r in rows:
-        vcfg = dataclasses.replace(cfg, model_kwargs={"depth": r["depth"], **r["model_kwargs"]})
-        probe = ModelBench(r["model"], Setting(precision, False), vcfg, torch.device("cpu")).model
-        layout = measured_channels_last(probe, shape, precision)
         key = f"{r['variant']}-d{r['depth']}"
-        benches[key] = ModelBench(r["model"], Setting(precision, layout), vcfg, torch.device("cpu"))
+        benches[key] = trainer_bench(r["model"], dataclasses.replace(cfg, model_kwargs={"depth": r["depth"],
+                                                                                      **r["model_kwargs"]}))
         r.update(key=key, setting=benches[key].setting.label, train_flops_per_image=benches[key].train_flops_per_image)
     load_start = os.getloadavg()
     values = interleave({k: b.train_block_wall_and_cpu for k, b in benches.items()}, args.repeats, 1)

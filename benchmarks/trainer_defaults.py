@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave, paired_ratio
+from pnnh.experiments.bench import BenchConfig, ModelBench, Setting, interleave, paired_ratio, trainer_bench
 from pnnh.io import atomic_write_text
 from pnnh.train.config import resolve_precision
-from pnnh.train.speed import measured_channels_last
 
 
 def main() -> None:
@@ -44,19 +43,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     precision = resolve_precision("auto", "cpu")
     cfg = BenchConfig(batch_size=args.batch_size, repeats=args.repeats, steps=args.steps)
-    shape = (args.batch_size, 3, 32, 32)
     record = {"threads": torch.get_num_threads(), "precision": precision, "batch_size": args.batch_size,
               "load_avg_start": os.getloadavg(), "depths": {}}
     for depth in map(int, args.depths.split(",")):
         benches = {}
         for family in ("resnet", "pnnh"):
             name = f"{family}{depth}"
-            probe = ModelBench(name, Setting(precision, False), cfg, torch.device("cpu")).model
-            layout = measured_channels_last(probe, shape, precision)
-            benches[f"{name} default"] = ModelBench(name, Setting(precision, layout), cfg, torch.device("cpu"))
-            if family == "pnnh" and layout != probe.prefers_channels_last_on_cpu:
-                benches[f"{name} width-rule"] = ModelBench(name, Setting(precision, probe.prefers_channels_last_on_cpu),
-                                                           cfg, torch.device("cpu"))
+            default = benches[f"{name} default"] = trainer_bench(name, cfg)
+            rule = default.model.prefers_channels_last_on_cpu
+            if family == "pnnh" and default.setting.channels_last != rule:
+                benches[f"{name} width-rule"] = ModelBench(name, Setting(precision, rule), cfg, torch.device("cpu"))
         values = interleave({k: b.train_block_wall_and_cpu for k, b in benches.items()}, args.repeats, 1)
         base = values[f"resnet{depth} default"]
         rows = {}

@@ -246,6 +246,21 @@ class ModelBench:
         return resident + allocation_peak(self.train_step)
 
 
+def trainer_bench(name: str, cfg: BenchConfig) -> ModelBench:
+    """Model ``name`` (with ``cfg.model_kwargs``) on the CPU in the setting ``pnnh train`` picks by
+    itself: precision ``auto`` and the layout measured on this machine for this model and input
+    (``pnnh.train.speed.measured_channels_last``, cached)."""
+    from pnnh.models import create_model
+    from pnnh.train.config import resolve_precision
+    from pnnh.train.speed import measured_channels_last
+
+    precision = resolve_precision("auto", "cpu")
+    model = create_model(name, num_classes=cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size,
+                         **cfg.model_kwargs)
+    layout = measured_channels_last(model, (cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size), precision)
+    return ModelBench(name, Setting(precision, layout), cfg, torch.device("cpu"))
+
+
 def allocation_peak(fn: Callable[[], object]) -> int:
     """Bytes: the peak of the running sum of CPU allocations minus frees that ``torch.profiler``
     (``profile_memory=True``) records while ``fn`` runs."""
