@@ -81,6 +81,11 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     hints = typing.get_type_hints(TrainConfig)
     names = [name for name in FIELDS if name != "model_kwargs" and name not in skip]
     for name in names:
+        if name == "imports":
+            parser.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                                help="import this module or .py file first, so the models it registers can be "
+                                     "trained (repeatable; kept in the run's config.yaml), e.g. --import mynet")
+            continue
         kinds = set(typing.get_args(hints[name])) or {hints[name]}
         flag = "--" + name.replace("_", "-")
         if bool in kinds:

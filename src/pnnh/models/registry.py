@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import importlib.util
 import inspect
 import os
+import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch.nn as nn
@@ -62,6 +66,75 @@ def register_prefix(prefix: str, build: Callable[[str, dict], nn.Module]) -> Non
     """Make ``create_model(prefix + NAME, **kwargs)`` return ``build(NAME, kwargs)`` for a registered
     NAME (:mod:`pnnh.models.convert` registers ``convert:``, the PNNH twin of a model)."""
     _PREFIXES[prefix] = build
+
+
+class ModelImportError(ValueError):
+    """Raised by :func:`import_models` for a module that cannot be found or fails on import."""
+
+
+def import_models(entries: str | Sequence[str] | None) -> list[str]:
+    """Import the modules that register a user's models, so ``create_model`` (and ``pnnh train``,
+    ``pnnh sweep``, ``pnnh tune`` with ``--import``) know their names; return the entries as kept.
+
+    Each entry is a module name (``mynet``, ``lab.models``: found on ``sys.path`` and in the
+    current directory, as ``python -m`` would) or the path of a Python file (``models/mynet.py``,
+    imported as module ``mynet`` and kept as an absolute path, so a resumed run finds it from
+    any directory). A module already imported is not run again, so its ``register_model`` calls
+    run once. Raises :class:`ModelImportError` naming the entry: missing module or file, or the
+    exception the module raised.
+    """
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ModelImportError(f"imports={entries!r} is not valid: give module names or .py files, "
+                               "e.g. [mynet] or [models/mynet.py]")
+    return [_import_file(e.strip()) if e.strip().endswith(".py") else _import_module(e.strip()) for e in entries]
+
+
+def _import_file(entry: str) -> str:
+    path = Path(entry).expanduser().resolve()
+    if not path.is_file():
+        raise ModelImportError(f"imports: {entry!r} is not a file (give an existing .py file, or a module name "
+                               "such as 'mynet')")
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+            return str(path)
+        raise ModelImportError(f"imports: {entry!r} would be module {name!r}, but {name!r} is already "
+                               f"{getattr(loaded, '__file__', None) or 'a built-in module'}; rename the file")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise ModelImportError(f"imports: running {path} raised {type(err).__name__}: {err}") from err
+    return str(path)
+
+
+def _import_module(entry: str) -> str:
+    if not all(part.isidentifier() for part in entry.split(".")):
+        raise ModelImportError(f"imports: {entry!r} is neither a module name (such as mynet or lab.models) "
+                               "nor a .py file")
+    if entry in sys.modules:
+        return entry
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:  # the pnnh script's sys.path lacks the current directory
+        sys.path.append(cwd)
+    try:
+        importlib.import_module(entry)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (entry == err.name or entry.startswith(err.name + ".")):
+            raise ModelImportError(f"imports: no module named {entry!r} in the current directory ({cwd}) or on "
+                                   "sys.path; give its file (e.g. path/to/mynet.py) or run from its folder") from None
+        raise ModelImportError(f"imports: importing {entry!r} failed: {err}") from err
+    except Exception as err:
+        raise ModelImportError(f"imports: importing {entry!r} raised {type(err).__name__}: {err}") from err
+    return entry
 
 
 def is_model(name: str) -> bool:

@@ -65,6 +65,7 @@ class TrainConfig:
     model: str | None = None
     data: str | None = None
     model_kwargs: dict = field(default_factory=dict)
+    imports: list = field(default_factory=list)  # modules / .py files that register the model (import_models)
     data_dir: str | None = None
     download: bool = False
     img_size: int | None = None
@@ -122,7 +123,8 @@ def load_config(
     """Build a validated ``TrainConfig`` from a YAML file or dict plus overrides.
 
     Overrides whose value is ``None`` are ignored (an unset CLI flag); ``model_kwargs``
-    overrides are merged into the file's ``model_kwargs`` key by key. Raises ``ConfigError``
+    overrides are merged into the file's ``model_kwargs`` key by key, ``imports`` are added to the
+    file's. Raises ``ConfigError``
     for anything invalid (bad YAML, unknown keys, wrong types or values).
     """
     if isinstance(path_or_dict, TrainConfig):
@@ -145,6 +147,8 @@ def load_config(
             continue
         if key == "model_kwargs" and isinstance(values.get(key), Mapping) and isinstance(value, Mapping):
             value = {**values[key], **value}
+        if key == "imports" and isinstance(values.get(key), (list, tuple)) and isinstance(value, (list, tuple)):
+            value = [*values[key], *(v for v in value if v not in values[key])]  # --import adds to the file's
         values[key] = value
     return TrainConfig(**values)
 
@@ -403,11 +407,17 @@ def _validate(cfg: TrainConfig) -> None:
     cfg.data = _as_str("data", cfg.data)
     from pnnh.data import list_datasets
     from pnnh.models import list_models
-    from pnnh.models.registry import is_model
+    from pnnh.models.registry import ModelImportError, import_models, is_model
 
+    try:  # first: the modules may register cfg.model
+        cfg.imports = import_models(cfg.imports)
+    except ModelImportError as err:
+        raise ConfigError(str(err)) from None
     models = list(list_models())
     if not is_model(cfg.model):  # a registered name, or convert:<name> (its PNNH twin)
-        raise _close("model", cfg.model, models)
+        err = _close("model", cfg.model, models)
+        raise ConfigError(f"{err}. A model of your own: import the module that registers it "
+                          "(--import mynet, or imports: [mynet] in the config)")
     from pnnh.data.memory import IN_MEMORY
 
     datasets = list(list_datasets())

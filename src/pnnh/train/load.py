@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+import yaml
 from safetensors import SafetensorError
 
 from pnnh.models import create_model
+from pnnh.models.registry import is_model
 from pnnh.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, is_pretrained_dir, read_config
 from pnnh.train.checkpoint import CheckpointError, load_checkpoint, run_checkpoint
 
@@ -42,12 +44,17 @@ def load(path: str | Path, which: str = "best") -> nn.Module:
     docstring. Raises ``CheckpointError`` (one line, naming the path) when nothing there loads."""
     file = weights_file(path, which)
     if file.name == WEIGHTS_NAME:
+        name = read_config(file.parent)["model"]
+        if not is_model(name):
+            raise CheckpointError(_unknown_model(name, file.parent))
         try:
-            return create_model(read_config(file.parent)["model"], pretrained=file.parent).eval()
+            return create_model(name, pretrained=file.parent).eval()
         except (ValueError, RuntimeError, OSError, SafetensorError) as err:
             raise CheckpointError(f"cannot load the model saved in {file.parent}: {str(err).splitlines()[0]}") from None
     saved = load_checkpoint(file)
     config = read_config(file.parent) if (file.parent / CONFIG_NAME).is_file() else _legacy_config(saved, file)
+    if not is_model(config["model"]):
+        raise CheckpointError(_unknown_model(config["model"], file.parent))
     try:
         model = create_model(config["model"], num_classes=config["num_classes"], in_chans=config["in_chans"],
                              img_size=config["img_size"], **config["model_kwargs"])
@@ -56,6 +63,20 @@ def load(path: str | Path, which: str = "best") -> nn.Module:
         raise CheckpointError(f"cannot rebuild {config['model']!r} from {file}: {str(err).splitlines()[0]}") from None
     model.pretrained_cfg.update(mean=config.get("mean"), std=config.get("std"))
     return model.float().eval()
+
+
+def _unknown_model(name: str, folder: Path) -> str:
+    """Why a saved model cannot be rebuilt: its name is not registered in this process. Loading
+    never runs code, so the modules the run imported (its config.yaml's ``imports``) are named,
+    not imported."""
+    imports = []
+    try:
+        imports = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("imports") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    where = (f"the run imported it from {', '.join(map(str, imports))}: import that first (loading runs no code)"
+             if imports else "import the module that registers it (register_model) first")
+    return f"cannot load the model saved in {folder}: model {name!r} is not registered here; {where}"
 
 
 def weights_file(path: str | Path, which: str = "best") -> Path:
