@@ -44,13 +44,14 @@ def load(path: str | Path, which: str = "best") -> nn.Module:
     docstring. Raises ``CheckpointError`` (one line, naming the path) when nothing there loads."""
     file = weights_file(path, which)
     if file.name == WEIGHTS_NAME:
-        name = read_config(file.parent)["model"]
-        if not is_model(name):
-            raise CheckpointError(_unknown_model(name, file.parent))
         try:
-            return create_model(name, pretrained=file.parent).eval()
+            name = read_config(file.parent)["model"]
+            known = is_model(name)
+            if known:
+                return create_model(name, pretrained=file.parent).eval()
         except (ValueError, RuntimeError, OSError, SafetensorError) as err:
             raise CheckpointError(f"cannot load the model saved in {file.parent}: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(_unknown_model(name, file.parent))
     saved = load_checkpoint(file)
     config = read_config(file.parent) if (file.parent / CONFIG_NAME).is_file() else _legacy_config(saved, file)
     if not is_model(config["model"]):
