@@ -374,6 +374,17 @@ def test_conversion_report_is_printed(capsys):
     assert "ConvNet: 3 residual blocks -> PNNH layers; parameters 77,754 -> 41,882 (0.54x)" in out
 
 
+def test_a_convert_model_prints_its_table_once_per_process(capsys):
+    """A sweep builds a cell's twin several times (training, probe, reload): one table is enough."""
+    first = pnnh.create_model("convert:resnet8", num_classes=10, in_chans=1, img_size=8, coder_ratio=0.25)
+    assert "3 residual blocks -> PNNH layers" in capsys.readouterr().out
+    again = pnnh.create_model("convert:resnet8", num_classes=10, in_chans=1, img_size=8, coder_ratio=0.25)
+    assert capsys.readouterr().out == ""
+    assert pnnh.count_params(again) == pnnh.count_params(first)
+    pnnh.create_model("convert:resnet8", num_classes=10, in_chans=1, img_size=8, coder_ratio=0.5)  # another: its own table
+    assert "3 residual blocks -> PNNH layers" in capsys.readouterr().out
+
+
 # --- public building blocks ---
 
 def test_pnnh_conv_builds_its_own_coder_and_shares_one():

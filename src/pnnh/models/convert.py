@@ -602,7 +602,13 @@ def _build_twin(name: str, kwargs: dict) -> nn.Module:
     rest = {k: v for k, v in kwargs.items() if k not in coder}
     model = create_model(name, **rest)
     chans, size = (rest.get(k, getattr(model, k, None)) or default for k, default in (("in_chans", 3), ("img_size", 32)))
-    return convert(model, torch.zeros(2, chans, size, size), **coder)
+    key = (name, repr(sorted(kwargs.items())))  # print the table once per process, not at every rebuild
+    twin = convert(model, torch.zeros(2, chans, size, size), verbose=key not in _REPORTED, **coder)
+    _REPORTED.add(key)
+    return twin
+
+
+_REPORTED: set[tuple[str, str]] = set()  # the convert: twins whose table this process has printed
 
 
 register_prefix(CONVERT_PREFIX, _build_twin)
