@@ -168,6 +168,36 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=0)
 
 
+def test_checkpoint_every_resumes_inside_an_epoch_to_the_uninterrupted_result(tmp_path):
+    """--checkpoint-every N: a run killed mid-epoch loses at most N steps and, resumed, logs and
+    saves exactly what the run that never stopped does (here: killed before step 13 of 2 x 8)."""
+    flags = ["--model", "resnet8", "--set", "width=8", "--data", "digits", "--train-subset", "512",
+             "--test-subset", "128", "--val-size", "64", "--epochs", "2", "--batch-size", "64", "--device", "cpu",
+             "--precision", "fp32", "--seed", "5", "--grad-noise", "0.01", "--checkpoint-every", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-m", "pnnh", "train", *flags, "--out", str(out)],
+                            env={**env, "PNNH_FAULT": "exit:0:13"}, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 1 and "exits before step 13" in killed.stderr, killed.stderr
+    saved = load_checkpoint(out / "last.pt")["state"]
+    assert (saved["step"], saved["epoch"], saved["epoch_step"]) == (12, 1, 4)  # 8 steps/epoch: 4 into epoch 2
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+
+    resumed = subprocess.run([sys.executable, "-m", "pnnh", "train", "--resume", "--out", str(out)], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "reference"
+    train(load_config(out / "config.yaml", {"out": str(reference)}), progress=False)
+    assert_same_metrics(read_metrics(out), read_metrics(reference))
+    assert load_checkpoint(out / "last.pt")["state"]["epoch_step"] == 0  # the epoch's end clears it
+    resumed_weights = load_checkpoint(out / "last.pt")["model"]
+    for name, tensor in load_checkpoint(reference / "last.pt")["model"].items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match=r"checkpoint_every=0 .*>= 1|checkpoint_every"):
+        load_config({**SMALL, "checkpoint_every": 0})
+
+
 def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1, "model": {"w": torch.arange(4.0)}})

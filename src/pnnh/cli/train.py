@@ -57,6 +57,8 @@ HELP = {
     "log": "also log to these trackers, a comma list: tensorboard (<out>/tensorboard/), wandb (offline unless "
            "WANDB_MODE is set); metrics.jsonl is always written",
     "max_steps": "stop after this many optimizer steps (for tests and benchmarks)",
+    "checkpoint_every": "also save last.pt every N optimizer steps inside an epoch, so a killed or preempted run "
+                        "loses at most N steps (default: at the end of each epoch only)",
     "crop_pad": "random-crop padding in pixels (default 4 for images >= 28 px, else 0)",
     "coder_lr_scale": "learning-rate multiplier for PNNH coder parameters (default 1)",
     "coder_weight_decay": "weight decay of PNNH coder weights (default: same as --weight-decay)",

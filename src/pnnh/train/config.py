@@ -101,6 +101,7 @@ class TrainConfig:
     sync_bn: bool = False
     dist_timeout: float = 300.0
     max_steps: int | None = None
+    checkpoint_every: int | None = None  # also save last.pt every N steps inside an epoch
     probe_every: int = 0
     log: str | None = None  # trackers, a comma list: tensorboard, wandb (pnnh.train.loggers)
     out: str | None = None
@@ -448,7 +449,8 @@ def _validate(cfg: TrainConfig) -> None:
     cfg.memory_budget_gb = _as_float("memory_budget_gb", cfg.memory_budget_gb, 0.0, strict=True)
     if cfg.workers is not None:
         cfg.workers = _as_int("workers", cfg.workers, 0)
-    for name, minimum in (("img_size", 1), ("train_subset", 1), ("test_subset", 1), ("crop_pad", 0), ("max_steps", 1)):
+    for name, minimum in (("img_size", 1), ("train_subset", 1), ("test_subset", 1), ("crop_pad", 0), ("max_steps", 1),
+                          ("checkpoint_every", 1)):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, _as_int(name, getattr(cfg, name), minimum))
 

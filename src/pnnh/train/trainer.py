@@ -58,7 +58,8 @@ from pnnh.train.speed import measured_channels_last
 
 # Fields a resumed run may change; any other difference would splice two different runs.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "device", "precision", "compile", "probe_every", "log", "out",
-                               "data_dir", "download", "dist_timeout", "workers", "memory_budget_gb"})
+                               "data_dir", "download", "dist_timeout", "workers", "memory_budget_gb", "imports",
+                               "checkpoint_every"})
 # Values of fields added after a checkpoint was written: a run saved before them used these.
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                   if f.default is not dataclasses.MISSING}
@@ -108,6 +109,11 @@ class _RunState:
     best_acc: float | None = None
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A checkpoint saved inside epoch ``epoch + 1`` (``checkpoint_every``): the steps of it done
+    # and their sums (loss * images, correct, images, seconds), so the epoch's record comes out
+    # as if it had never stopped.
+    epoch_step: int = 0
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
 
 
 def train(config: TrainConfig | dict | str | Path, *, data: Any = None, resume: bool = False, progress: bool = True,
@@ -216,7 +222,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: CallbackLi
     for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
         if run.state.step >= run.total_steps:
             break
-        run.train_loader.set_epoch(epoch)
+        run.train_loader.set_epoch(epoch, start=run.state.epoch_step)  # > 0: resumed inside this epoch
         try:
             stats = _train_epoch(run, epoch, progress and is_main, callbacks)
         except _NonFiniteLoss as err:
@@ -452,11 +458,14 @@ def _train_epoch(run: _Run, epoch: int, show: bool, callbacks: CallbackList) -> 
     cfg, state, model, step_model, optimizer = run.cfg, run.state, run.model, run.step_model, run.optimizer
     loader, device, extras = run.train_loader, run.device, run.extras
     step_model.train()
-    loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-               dynamic_ncols=True, disable=not show)
+    done = state.epoch_step  # steps of this epoch before a mid-epoch checkpoint this run resumed from
+    loss_sum, correct, seen, before = state.epoch_sums
+    correct, seen = int(correct), int(seen)
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(total=len(loader), initial=done, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+               leave=False, dynamic_ncols=True, disable=not show)
     start = time.perf_counter()
-    for batch, (x, y) in enumerate(loader, start=1):
+    for batch, (x, y) in enumerate(loader, start=done + 1):
         ddp.fault_point(state.step + 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             logits = step_model(x)
@@ -485,14 +494,25 @@ def _train_epoch(run: _Run, epoch: int, show: bool, callbacks: CallbackList) -> 
         seen += int(step_seen)
         bar.update()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}",
-                        img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+                        img_s=f"{seen / (before + time.perf_counter() - start):.0f}", refresh=False)
         if state.step >= run.total_steps:
             break
-    seconds = time.perf_counter() - start
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and batch < len(loader):
+            state.epoch_step, state.epoch_sums = batch, [loss_sum, correct, seen, before + time.perf_counter() - start]
+            _save_last(run)
+    seconds = before + time.perf_counter() - start
     bar.close()
     state.seconds += seconds
     state.images += seen
+    state.epoch_step, state.epoch_sums = 0, [0.0, 0.0, 0.0, 0.0]
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr, "images_per_s": seen / seconds}
+
+
+def _save_last(run: _Run) -> None:
+    """Save last.pt inside an epoch (``checkpoint_every``); best.pt and the log wait for its end."""
+    if run.is_main:
+        save_checkpoint(run.out / "last.pt", _checkpoint(run.model, run.optimizer, run.scheduler, run.state, run.cfg))
+    ddp.barrier()  # no rank runs ahead of the saved checkpoint
 
 
 @torch.no_grad()
@@ -583,8 +603,9 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], out: Path) -> None
 
 def _diverged(err: _NonFiniteLoss, epoch: int, steps_per_epoch: int, state: _RunState, out: Path,
               params: int, is_main: bool) -> TrainingDiverged:
-    kept = (f"{out / 'last.pt'} keeps the last good state (epoch {state.epoch})" if state.epoch
-            else "no epoch finished, so there is no checkpoint")
+    kept = (f"{out / 'last.pt'} keeps the last good state (epoch {state.epoch}"
+            f"{f' and {state.epoch_step} steps of epoch {state.epoch + 1}' if state.epoch_step else ''})"
+            if state.epoch or state.epoch_step else "no epoch finished, so there is no checkpoint")
     message = (f"training diverged: loss = {err.loss} at epoch {epoch}, batch {err.batch}/{steps_per_epoch} "
                f"(global step {state.step + 1}); {kept}. "
                "Try a lower --lr, a longer --warmup-epochs or --grad-clip.")
