@@ -104,7 +104,7 @@ def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
     # How a cell runs is not part of the sweep: a process may join compiled or on another device.
     assert main(["sweep", "--models", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
                  "--batch-size", "64", "--precision", "fp32", "--set", "width=4", "--compile", "--device", "cpu",
-                 "--out", str(out)]) == 0  # the recorded cell is reported, not retrained
+                 "--checkpoint-every", "5", "--out", str(out)]) == 0  # the recorded cell is reported, not retrained
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -49,7 +49,7 @@ PROBE_IMAGES = 256
 # Train settings that change how a cell runs, not what it learns: processes sharing one sweep
 # directory may differ in them (e.g. one compiled, one not; each cell's config.yaml says which).
 EXECUTION_KEYS = frozenset({"compile", "device", "data_dir", "download", "dist_timeout", "workers",
-                            "memory_budget_gb", "log"})
+                            "memory_budget_gb", "log", "checkpoint_every", "imports"})
 
 
 @dataclass
