@@ -173,6 +173,21 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
 
 
 
+def test_only_trains_the_named_variants_and_keeps_the_whole_recipe(tmp_path, capsys):
+    """--only: part of a recipe now (cells recorded elsewhere, or first things first), the rest later."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--models", "plain,resnet", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "1",
+            "--train-subset", "128", "--test-subset", "64", "--batch-size", "64", "--precision", "fp32",
+            "--set", "width=4", "--out", str(out)]
+    assert main([*base, "--only", "resnet"]) == 0
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["resnet-d8-s0"]
+    assert "--only" not in yaml.safe_load((out / "sweep.yaml").read_text())["command"]
+    assert main([*base, "--only", "resnet,nonesuch"]) == 2
+    assert "'nonesuch'" in capsys.readouterr().err
+    assert main(base) == 0  # the rest of the same sweep, in the same directory
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["plain-d8-s0", "resnet-d8-s0"]
+
+
 def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp_path, capsys):
     """Two processes on one sweep never train the same cell; a killed holder frees its cell."""
     out = tmp_path / "sweep"

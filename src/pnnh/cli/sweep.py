@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model keyword for every cell (coder_* keys reach PNNH models only), repeatable")
     p.add_argument("--retry-failed", action="store_true", help="train again the cells recorded as failed")
+    p.add_argument("--only", type=_csv(str), metavar="VARIANTS",
+                   help="train only these variants' cells, e.g. looks-linear,code-bn (the others stay untrained "
+                        "for a later run; the sweep and its directory stay the whole recipe's)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
                         "on the same --out, e.g. with OMP_NUM_THREADS=1 each on an N-core machine")
@@ -96,17 +99,33 @@ def run_sweep_command(args) -> int:
         spec = load_sweep(args.config, models=args.models, depths=args.depths, seeds=args.seeds,
                           train=train, model_kwargs=parse_set(args.set))
         argv = sys.argv[1:]
-        if "--shard" in argv:  # every shard runs the same sweep: record the command without it
-            k = argv.index("--shard")
-            argv = argv[:k] + argv[k + 2:]
+        for flag in ("--shard", "--only"):  # parts of the same sweep: record the command without them
+            if flag in argv:
+                k = argv.index(flag)
+                argv = argv[:k] + argv[k + 2:]
         command = "pnnh " + " ".join(shlex.quote(a) for a in argv)
+        only = _only_cells(spec, args.only)
         if args.launcher != "local":
+            if only is not None:
+                raise ConfigError("--only picks cells for local processes; with --launcher, run the recipe's cells")
             return _submit(args, spec, command)
-        records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed, shard=args.shard)
+        records = run_sweep(spec, args.out, command=command, retry_failed=args.retry_failed, shard=args.shard,
+                            only=only)
     except ConfigError as err:
         print(f"pnnh sweep: error: {err}", file=sys.stderr)
         return 2
     return _finish(args.out, records)
+
+
+def _only_cells(spec, variants: list[str] | None) -> set[str] | None:
+    """The ids of ``variants``' cells (``--only``), or None for every cell."""
+    if variants is None:
+        return None
+    unknown = [v for v in variants if v not in spec.variants]
+    if unknown or not variants:
+        raise ConfigError(f"--only {','.join(variants)}: {', '.join(map(repr, unknown)) or 'no variant given'}; "
+                          f"this sweep's variants are {', '.join(spec.variants)}")
+    return {c.id for c in spec.cells() if c.variant in variants}
 
 
 def _submit(args, spec, command: str) -> int:
