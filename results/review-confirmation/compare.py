@@ -1,0 +1,87 @@
+"""Issue 19 at the confirmation budget: the review sweeps' cells beside the confirmation study's.
+
+The review confirmation configs (configs/review-*-confirmation.yaml) hold the default pnnh and the
+usual resnet as reference variants; those cells are the confirmation study's (same recipe, seeds,
+data order and --compile: configs/pnnh-confirmation.yaml, results/confirmation/results.csv), so
+this session's runs held them back (their cell locks held with flock) and this script pairs the
+new variants with the recorded ones by seed, on test accuracy (the confirmation protocol has no
+validation split; it is the final comparison, the screening runs chose the variants).
+
+    python results/review-confirmation/compare.py runs/review-resnet110-zero-init-confirmation \
+        runs/review-plain-forms-confirmation > results/review-confirmation/compare.md
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIRMATION = HERE.parent / "confirmation" / "results.csv"
+
+
+def recorded() -> dict[tuple[str, int], dict[int, dict]]:
+    """(variant, depth) -> seed -> {test, loss} from the confirmation study."""
+    rows: dict = {}
+    for r in csv.DictReader(CONFIRMATION.open()):
+        rows.setdefault((r["variant"], int(r["depth"])), {})[int(r["seed"])] = {"test": float(r["test_acc"]) * 100,
+                                                                                "src": "confirmation"}
+    return rows
+
+
+def new_cells(sweeps: list[Path]) -> dict[tuple[str, int], dict[int, dict]]:
+    rows: dict = {}
+    for sweep in sweeps:
+        for file in sorted(sweep.glob("cells/*/cell.json")):
+            r = json.loads(file.read_text())
+            if r["status"] != "ok":
+                rows.setdefault((r["variant"], r["depth"]), {})[r["seed"]] = {"test": None, "src": r["status"]}
+                continue
+            rows.setdefault((r["variant"], r["depth"]), {})[r["seed"]] = {
+                "test": r["test_acc"] * 100, "loss": r["metrics"]["train_loss"], "src": sweep.name}
+    return rows
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(sweeps: list[Path]) -> None:
+    old, new = recorded(), new_cells(sweeps)
+    print("| variant | depth | test % per seed (0 / 1 / 2) | mean ± std | last train loss | source |")
+    print("|---|---:|---|---:|---|---|")
+    for key in sorted(new, key=lambda k: (k[1], k[0])):
+        seeds = new[key]
+        per = " / ".join(f"{seeds[s]['test']:.2f}" if s in seeds and seeds[s]["test"] is not None
+                         else (seeds[s]["src"] if s in seeds else "not run") for s in range(3))
+        losses = " / ".join(f"{seeds[s]['loss']:.3f}" if s in seeds and "loss" in seeds[s] else "—" for s in range(3))
+        done = [v["test"] for v in seeds.values() if v["test"] is not None]
+        print(f"| {key[0]} | {key[1]} | {per} | {fmt(done)} | {losses} | runs/{next(iter(seeds.values()))['src']} |")
+    for key in sorted({(v, d) for v, d in old if v in ("pnnh", "resnet") and any(k[1] == d for k in new)},
+                      key=lambda k: (k[1], k[0])):
+        seeds = old[key]
+        per = " / ".join(f"{seeds[s]['test']:.2f}" for s in range(3))
+        print(f"| {key[0]} (recorded) | {key[1]} | {per} "
+              f"| {fmt([seeds[s]['test'] for s in range(3)])} | in results/confirmation/README.md | results/confirmation |")
+    print()
+    print("Paired by seed (new variant minus the recorded one), mean [min, max] over the seeds both have:")
+    print()
+    for key in sorted(new, key=lambda k: (k[1], k[0])):
+        for ref in ("pnnh", "resnet"):
+            if (ref, key[1]) not in old:
+                continue
+            diffs = [new[key][s]["test"] - old[(ref, key[1])][s]["test"] for s in sorted(new[key])
+                     if new[key][s]["test"] is not None and s in old[(ref, key[1])]]
+            if diffs:
+                print(f"- {key[0]}-{key[1]} − {ref}-{key[1]}: {statistics.mean(diffs):+.2f} "
+                      f"[{min(diffs):+.2f}, {max(diffs):+.2f}] over {len(diffs)} seed(s)")
+
+
+if __name__ == "__main__":
+    main([Path(p) for p in sys.argv[1:]])
