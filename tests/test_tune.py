@@ -145,6 +145,10 @@ def test_tune_file_errors_name_the_bad_value(tmp_path):
                               ({"tune": {"space": {"model": {"choices": ["a"]}}}, "train": TUNE["train"]},
                                "'model' is not a searchable"),
                               ({"tune": {"space": {"lr": [0.1]}}, "train": TUNE["train"]}, "tune.space.lr"),
+                              ({"tune": {"trails": 8, "space": TUNE["tune"]["space"]}, "train": TUNE["train"]},
+                               r"unknown tune keys \['trails'\]"),
+                              ({"tune": {"startup_trials": 0, "space": TUNE["tune"]["space"]}, "train": TUNE["train"]},
+                               "startup_trials=0"),
                               ({"tune": {"trials": 0, "space": TUNE["tune"]["space"]}, "train": TUNE["train"]},
                                "trials=0")]:
         bad.write_text(yaml.safe_dump(section))
@@ -157,7 +161,7 @@ def test_tune_file_errors_name_the_bad_value(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/tune-*.yaml")), ids=lambda p: p.name)
 def test_every_method_gets_the_same_trials_and_lr_warmup_space(path):
-    base, space, trials = load_tune(path)
-    assert trials == 8 and space["lr"] == {"low": 0.003, "high": 0.5, "log": True}
+    base, space, trials, startup = load_tune(path)
+    assert trials == 8 and startup == 10 and space["lr"] == {"low": 0.003, "high": 0.5, "log": True}
     assert space["warmup_epochs"] == {"low": 0.0, "high": 1.5}
     assert base["val_size"] > 0 and pnnh.create_model(base["model"], in_chans=1, **base["model_kwargs"])

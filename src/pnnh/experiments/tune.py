@@ -4,6 +4,8 @@ A tune file (``configs/tune-*.yaml``) holds the method's training config and the
 
     tune:
       trials: 8                       # finished trials (complete or pruned) the study ends with
+      startup_trials: 10              # TPE's random draws before it models the scores (Optuna's default):
+                                      # with trials <= startup_trials the search is the recipe + random draws
       space:                          # TrainConfig fields, or model_kwargs.KEY
         lr: {low: 0.01, high: 0.4, log: true}
         warmup_epochs: {low: 0.0, high: 2.0}
@@ -39,13 +41,17 @@ from pnnh.train.config import FIELDS, ConfigError, load_config, resolve_config
 from pnnh.train.trainer import TrainingDiverged, train
 
 STUDY = "pnnh-tune"
+TUNE_KEYS = {"trials", "space", "startup_trials"}
+TPE_STARTUP = 10  # Optuna's TPESampler default n_startup_trials
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Fields a trial sets itself or that no search should touch.
 NOT_SEARCHABLE = {"model", "data", "out", "val_size", "seed", "model_kwargs"}
 
 
-def load_tune(path: str | Path, overrides: dict | None = None, trials: int | None = None) -> tuple[dict, dict, int]:
-    """(train config dict, search space, number of trials) from a tune YAML; raises ``ConfigError``."""
+def load_tune(path: str | Path, overrides: dict | None = None, trials: int | None = None
+              ) -> tuple[dict, dict, int, int]:
+    """(train config dict, search space, number of trials, TPE start-up trials) from a tune YAML;
+    raises ``ConfigError``."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -53,6 +59,12 @@ def load_tune(path: str | Path, overrides: dict | None = None, trials: int | Non
     if set(raw) - {"tune", "train"}:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(set(raw) - {'tune', 'train'})}; valid: tune, train")
     section = dict(raw.get("tune") or {})
+    if set(section) - TUNE_KEYS:
+        raise ConfigError(f"{path}: unknown tune keys {sorted(set(section) - TUNE_KEYS)}; valid: {', '.join(sorted(TUNE_KEYS))}")
+    startup = section.get("startup_trials", TPE_STARTUP)
+    if not isinstance(startup, int) or isinstance(startup, bool) or startup < 1:
+        raise ConfigError(f"startup_trials={startup!r}: give a positive integer (TPE's random draws before it models "
+                          f"the scores; Optuna's default {TPE_STARTUP})")
     base = {**(raw.get("train") or {}), **(overrides or {})}
     n_trials = trials if trials is not None else section.get("trials", 8)
     if not isinstance(n_trials, int) or n_trials < 1:
@@ -66,7 +78,7 @@ def load_tune(path: str | Path, overrides: dict | None = None, trials: int | Non
     if cfg.val_size <= 0:
         raise ConfigError("tune reads validation accuracy: set val_size (images carved from the training set), "
                           f"got val_size={cfg.val_size}")
-    return base, space, n_trials
+    return base, space, n_trials, startup
 
 
 def _check_param(name: str, dist: Any) -> None:
@@ -164,19 +176,19 @@ def _study_lock(out: Path) -> Iterator[None]:
 def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None, overrides: dict | None = None,
          seed: int = 0, progress: bool = True) -> optuna.Study:
     """Run (or continue) the study of ``config_path`` in ``out``; write the best config; return the study."""
-    base, space, n_trials = load_tune(config_path, overrides, trials)
+    base, space, n_trials, startup = load_tune(config_path, overrides, trials)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _study_lock(out):
         study = optuna.create_study(
             study_name=STUDY, storage=f"sqlite:///{(out / 'study.db').resolve()}", load_if_exists=True,
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
         if not study.trials:  # a new study: its first trial is the method's own recipe
             study.enqueue_trial(recipe_params(base, space))
         else:  # resumed: a sampler seeded as at the start would draw the settings already tried again
-            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=startup)
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # we hold the lock, so no process is running it: a killed run.
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
