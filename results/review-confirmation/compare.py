@@ -9,6 +9,9 @@ validation split; it is the final comparison, the screening runs chose the varia
 
     python results/review-confirmation/compare.py runs/review-resnet110-zero-init-confirmation \
         runs/review-plain-forms-confirmation > results/review-confirmation/compare.md
+
+It also draws the new cells' test accuracy and training loss per epoch into curves.png here (the
+confirmation study's own curves: results/confirmation/learning_curves.png).
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ def new_cells(sweeps: list[Path]) -> dict[tuple[str, int], dict[int, dict]]:
             if r["status"] != "ok":
                 rows.setdefault((r["variant"], r["depth"]), {})[r["seed"]] = {"test": None, "src": r["status"]}
                 continue
+            curve = [json.loads(line) for line in (file.parent / "metrics.jsonl").read_text().splitlines()]
             rows.setdefault((r["variant"], r["depth"]), {})[r["seed"]] = {
-                "test": r["test_acc"] * 100, "loss": r["metrics"]["train_loss"], "src": sweep.name}
+                "test": r["test_acc"] * 100, "loss": r["metrics"]["train_loss"], "src": sweep.name,
+                "curve": [(c["epoch"], c["test_acc"] * 100, c["train_loss"]) for c in curve if "train_loss" in c]}
     return rows
 
 
@@ -83,5 +88,28 @@ def main(sweeps: list[Path]) -> None:
                       f"[{min(diffs):+.2f}, {max(diffs):+.2f}] over {len(diffs)} seed(s)")
 
 
+def plot(new: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for (variant, depth), seeds in sorted(new.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for seed, cell in sorted(seeds.items()):
+            if "curve" not in cell:
+                continue
+            epochs, test, train_loss = zip(*cell["curve"])
+            label = f"{variant}-{depth}" if seed == min(seeds) else None
+            colour = f"C{sorted(new).index((variant, depth)) % 10}"
+            acc.plot(epochs, test, color=colour, alpha=0.8, label=label)
+            loss.plot(epochs, train_loss, color=colour, alpha=0.8, label=label)
+    acc.set(xlabel="epoch", ylabel="test accuracy %", ylim=(70, 95), title="one line per seed")
+    loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
     main([Path(p) for p in sys.argv[1:]])
+    plot(new_cells([Path(p) for p in sys.argv[1:]]), HERE / "curves.png")
