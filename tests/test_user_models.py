@@ -60,6 +60,16 @@ def test_train_imports_a_module_from_the_current_directory_and_resumes(project):
     done = pnnh_cli("train", "--resume", "--out", str(out), "--epochs", "2", cwd=project)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # the commands that build a model by name, or load a run, take --import too
+    listed = pnnh_cli("models", "--import", "mynet", "my_*", cwd=project)
+    assert listed.returncode == 0 and "my_tiny" in listed.stdout, listed.stderr
+    exported = pnnh_cli("export", "--import", "mynet", str(out), "--format", "torchscript", "--out",
+                        str(project / "my.pt"), cwd=project)
+    assert exported.returncode == 0 and (project / "my.pt").is_file(), exported.stderr
+    unknown = pnnh_cli("export", str(out), "--format", "torchscript", "--out", str(project / "x.pt"), cwd=project)
+    assert unknown.returncode == 2 and "the run imported it from mynet" in unknown.stderr
+    bad = pnnh_cli("models", "--import", "nosuch_xyz", cwd=project)
+    assert bad.returncode == 2 and bad.stderr.startswith("pnnh models: error: imports: no module named 'nosuch_xyz'")
 
 
 def test_without_the_import_the_error_says_how_to_give_it(project):

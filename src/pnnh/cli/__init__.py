@@ -28,12 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_import_flag(parser: argparse.ArgumentParser) -> None:
+    """``--import MODULE`` for a command that builds models by name (``pnnh train``, ``sweep`` and
+    ``tune`` have their own, kept in the run's config)."""
+    parser.add_argument("--import", dest="cli_imports", action="append", default=[], metavar="MODULE",
+                        help="import this module or .py file first, so the models it registers are known "
+                             "(repeatable), e.g. --import mynet")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "cli_imports", None):
+        from pnnh.models.registry import ModelImportError, import_models
+
+        try:
+            import_models(args.cli_imports)
+        except ModelImportError as err:
+            print(f"pnnh {args.command}: error: {err}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args) or 0)
     except OSError as err:  # the machine said no (full disk, read-only, no permission): the user's to fix

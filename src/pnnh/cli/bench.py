@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 
+from pnnh.cli import add_import_flag
 from pnnh.experiments.bench import GROUPS, PRECISIONS, QUICK, BenchConfig, Setting
 
 CHOICES = {"on": (True,), "off": (False,), "both": (False, True)}
@@ -60,6 +61,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="throughput, memory and FLOPs of models side by side",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
+    add_import_flag(p)
     p.set_defaults(func=run)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pnnh.cli import add_import_flag
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="fold a trained run into a plain inference net and export it",
@@ -28,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads when timing (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists (default: refuse)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_import_flag(p)
     p.set_defaults(func=run)
 
 

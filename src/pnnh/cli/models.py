@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pnnh.cli import add_import_flag
 from pnnh.io import format_table
 
 
@@ -14,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--img-size", type=int, default=32)
+    add_import_flag(p)
     p.set_defaults(func=run)
 
 

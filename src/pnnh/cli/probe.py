@@ -11,6 +11,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from pnnh.cli import add_import_flag
 from pnnh.io import atomic_write_text, format_table, versions, write_csv
 from pnnh.probe.core import CROSSING_MARGIN, crossing_layer, probe_model
 from pnnh.probe.dists import DISTS
@@ -64,6 +65,7 @@ def register(subparsers) -> None:
                    help="DISTS alpha/beta weights file (tensors 'alpha', 'beta'); default: "
                         "those in --dists-weights if any, else uniform")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    add_import_flag(p)
     p.set_defaults(func=run)
 
 
