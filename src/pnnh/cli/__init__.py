@@ -28,12 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_import_flag(parser: argparse.ArgumentParser) -> None:
-    """``--import MODULE`` for a command that builds models by name (``pnnh train``, ``sweep`` and
-    ``tune`` have their own, kept in the run's config)."""
-    parser.add_argument("--import", dest="cli_imports", action="append", default=[], metavar="MODULE",
-                        help="import this module or .py file first, so the models it registers are known "
-                             "(repeatable), e.g. --import mynet")
+def add_import_flag(parser: argparse.ArgumentParser, dest: str = "cli_imports", note: str = "") -> None:
+    """``--import MODULE`` (repeatable) for a command that builds models by name. ``main`` imports
+    ``args.cli_imports`` before the command runs; ``pnnh train``, ``sweep`` and ``tune`` pass
+    ``dest="imports"``, the config field, so the run's config keeps it and every process imports it."""
+    parser.add_argument("--import", dest=dest, action="append", default=None, metavar="MODULE",
+                        help=f"import this module or .py file first, so the models it registers are known "
+                             f"(repeatable{note}), e.g. --import mynet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pnnh.cli import add_import_flag
 from pnnh.train.config import FIELDS, OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig, load_config
 
 HELP = {
@@ -84,9 +85,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     names = [name for name in FIELDS if name != "model_kwargs" and name not in skip]
     for name in names:
         if name == "imports":
-            parser.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
-                                help="import this module or .py file first, so the models it registers can be "
-                                     "trained (repeatable; kept in the run's config.yaml), e.g. --import mynet")
+            add_import_flag(parser, dest="imports", note="; kept in the run's config.yaml")
             continue
         kinds = set(typing.get_args(hints[name])) or {hints[name]}
         flag = "--" + name.replace("_", "-")
