@@ -173,19 +173,24 @@ def test_shards_split_the_grid_without_overlap(tmp_path, capsys):
 
 
 
-def test_only_trains_the_named_variants_and_keeps_the_whole_recipe(tmp_path, capsys):
+def test_only_trains_the_named_variants_and_keeps_the_whole_recipe(tmp_path, capsys, monkeypatch):
     """--only: part of a recipe now (cells recorded elsewhere, or first things first), the rest later."""
     out = tmp_path / "sweep"
-    base = ["sweep", "--models", "plain,resnet", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "1",
+    base = ["sweep", "--models", "plain,resnet", "--depths", "8", "--seeds", "2", "--data", "digits", "--epochs", "1",
             "--train-subset", "128", "--test-subset", "64", "--batch-size", "64", "--precision", "fp32",
             "--set", "width=4", "--out", str(out)]
-    assert main([*base, "--only", "resnet"]) == 0
-    assert sorted(p.name for p in (out / "cells").iterdir()) == ["resnet-d8-s0"]
-    assert "--only" not in yaml.safe_load((out / "sweep.yaml").read_text())["command"]
-    assert main([*base, "--only", "resnet,nonesuch"]) == 2
-    assert "'nonesuch'" in capsys.readouterr().err
+    cells = lambda: sorted(p.name for p in (out / "cells").iterdir())  # noqa: E731
+    monkeypatch.setattr(sys, "argv", ["pnnh", *base, "--only=resnet", "--shard", "0/1"])  # the recorded command
+    assert main(sys.argv[1:]) == 0  # a variant: all its cells
+    assert cells() == ["resnet-d8-s0", "resnet-d8-s1"]
+    assert yaml.safe_load((out / "sweep.yaml").read_text())["command"] == "pnnh " + " ".join(base)
+    assert main([*base, "--only", "plain-d8-s1"]) == 0  # one cell
+    assert cells() == ["plain-d8-s1", "resnet-d8-s0", "resnet-d8-s1"]
+    assert main([*base, "--only", "resnet,nonesuch,plain-d9-s0"]) == 2
+    err = capsys.readouterr().err
+    assert "'nonesuch', 'plain-d9-s0'" in err and "plain, resnet" in err and "resnet-d8-s1" in err
     assert main(base) == 0  # the rest of the same sweep, in the same directory
-    assert sorted(p.name for p in (out / "cells").iterdir()) == ["plain-d8-s0", "resnet-d8-s0"]
+    assert cells() == ["plain-d8-s0", "plain-d8-s1", "resnet-d8-s0", "resnet-d8-s1"]
 
 
 def test_a_cell_locked_by_another_process_is_skipped_until_that_process_dies(tmp_path, capsys):

@@ -57,9 +57,10 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model keyword for every cell (coder_* keys reach PNNH models only), repeatable")
     p.add_argument("--retry-failed", action="store_true", help="train again the cells recorded as failed")
-    p.add_argument("--only", type=_csv(str), metavar="VARIANTS",
-                   help="train only these variants' cells, e.g. looks-linear,code-bn (the others stay untrained "
-                        "for a later run; the sweep and its directory stay the whole recipe's)")
+    p.add_argument("--only", type=_csv(str), metavar="CELLS",
+                   help="train only these variants' cells or these cells, e.g. looks-linear,code-bn or "
+                        "looks-linear-d56-s1 (the others stay untrained for a later run; the sweep and its "
+                        "directory stay the whole recipe's)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="train only cells I, I+N, I+2N, ... (0-based): run N such processes side by side "
                         "on the same --out, e.g. with OMP_NUM_THREADS=1 each on an N-core machine")
@@ -98,12 +99,7 @@ def run_sweep_command(args) -> int:
     try:
         spec = load_sweep(args.config, models=args.models, depths=args.depths, seeds=args.seeds,
                           train=train, model_kwargs=parse_set(args.set))
-        argv = sys.argv[1:]
-        for flag in ("--shard", "--only"):  # parts of the same sweep: record the command without them
-            if flag in argv:
-                k = argv.index(flag)
-                argv = argv[:k] + argv[k + 2:]
-        command = "pnnh " + " ".join(shlex.quote(a) for a in argv)
+        command = "pnnh " + " ".join(shlex.quote(a) for a in _without(sys.argv[1:], ("--shard", "--only")))
         only = _only_cells(spec, args.only)
         if args.launcher != "local":
             if only is not None:
@@ -117,15 +113,31 @@ def run_sweep_command(args) -> int:
     return _finish(args.out, records)
 
 
-def _only_cells(spec, variants: list[str] | None) -> set[str] | None:
-    """The ids of ``variants``' cells (``--only``), or None for every cell."""
-    if variants is None:
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less ``flags`` and their values, given as ``--flag value`` or ``--flag=value``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            kept.append(arg)
+    return kept
+
+
+def _only_cells(spec, names: list[str] | None) -> set[str] | None:
+    """The ids of the cells ``--only`` names (a variant stands for all its cells), or None for every cell."""
+    if names is None:
         return None
-    unknown = [v for v in variants if v not in spec.variants]
-    if unknown or not variants:
-        raise ConfigError(f"--only {','.join(variants)}: {', '.join(map(repr, unknown)) or 'no variant given'}; "
-                          f"this sweep's variants are {', '.join(spec.variants)}")
-    return {c.id for c in spec.cells() if c.variant in variants}
+    cells = spec.cells()
+    ids = {c.id for c in cells}
+    unknown = [n for n in names if n not in spec.variants and n not in ids]
+    if unknown or not names:
+        raise ConfigError(f"--only {','.join(names)}: {', '.join(map(repr, unknown)) or 'nothing given'}; "
+                          f"this sweep's variants are {', '.join(spec.variants)}, its cells "
+                          f"VARIANT-dDEPTH-sSEED, e.g. {cells[-1].id}")
+    return {c.id for c in cells if c.variant in names or c.id in names}
 
 
 def _submit(args, spec, command: str) -> int:
