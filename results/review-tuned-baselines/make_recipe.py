@@ -2,7 +2,8 @@
 
 Reads ``runs/tune-METHOD/best-sweep.yaml`` (written by ``pnnh tune``) for each method and writes
 ``configs/review-tuned-baselines.yaml``: one variant per method (``MODEL-tuned``, the cell names
-of each method's own best-sweep run), depth 56 (where the studies ran), 3 seeds, their shared budget.
+of each method's own best-sweep run), depths 20, 56 and 110 (the studies ran at 56; the same
+setting is used at every depth), 3 seeds, their shared budget.
 
     python results/review-tuned-baselines/make_recipe.py
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+DEPTHS = (20, 56, 110)
 METHODS = ("plain", "resnet", "pnnh", "fixup", "skipinit", "rezero", "tat", "dirac")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,10 +29,11 @@ for method in METHODS:
     notes.append("#   " + text.splitlines()[0].lstrip("# "))
 header = ["# Issue 19, objection 2: every method at its tuned setting, the same budget for all (written by",
           "# results/review-tuned-baselines/make_recipe.py from the studies of configs/tune-*.yaml: 8 trials",
-          "# each on the validation split, depth 56, the first trial the method's own recipe). The studies:",
+          "# each on the validation split, depth 56, the first trial the method's own recipe; the chosen",
+          "# setting is used at every depth). The studies:",
           *notes,
-          "#   OMP_NUM_THREADS=1 pnnh sweep --config configs/review-tuned-baselines.yaml --out runs/review-tuned-baselines"]
-recipe = {"sweep": {"depths": [56], "seeds": 3, "variants": variants}, "train": train}
+          "#   OMP_NUM_THREADS=1 pnnh sweep --config configs/review-tuned-baselines.yaml --out runs/review-tuned-baselines-depths"]
+recipe = {"sweep": {"depths": list(DEPTHS), "seeds": 3, "variants": variants}, "train": train}
 out = ROOT / "configs" / "review-tuned-baselines.yaml"
 out.write_text("\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
 print(f"wrote {out} ({len(variants)} methods)")
