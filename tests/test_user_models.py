@@ -135,3 +135,19 @@ def test_import_errors_name_the_entry(tmp_path, monkeypatch):
     assert cfg.imports == [str(tmp_path / "extra_models.py"), "json"] and "extra_models_net" in list_models()
     # importing it again (a resumed run, a second cell) runs the module once: no "already registered"
     assert import_models(str(tmp_path / "extra_models.py")) == [str(tmp_path / "extra_models.py")]
+
+
+@pytest.mark.parametrize("form", ["halfway_file.py", "halfway_module"])
+def test_a_module_that_fails_halfway_leaves_nothing_registered(tmp_path, monkeypatch, form):
+    """A module that registers a model and then raises: the fixed module imports cleanly afterwards."""
+    monkeypatch.chdir(tmp_path)
+    name = form.removesuffix(".py")
+    source = (f"import pnnh, torch.nn as nn\n"
+              f"pnnh.register_model('{name}_net', lambda **kw: nn.Identity())\n")
+    (tmp_path / f"{name}.py").write_text(source + "raise RuntimeError('typo further down')\n")
+    with pytest.raises(ModelImportError, match="typo further down"):
+        import_models([form])
+    assert f"{name}_net" not in list_models() and name not in sys.modules
+    (tmp_path / f"{name}.py").write_text(source)  # the user fixes the typo and runs again in the same process
+    import_models([form])
+    assert f"{name}_net" in list_models()

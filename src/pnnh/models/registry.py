@@ -81,7 +81,7 @@ def import_models(entries: str | Sequence[str] | None) -> list[str]:
     imported as module ``mynet`` and kept as an absolute path, so a resumed run finds it from
     any directory). A module already imported is not run again, so its ``register_model`` calls
     run once. Raises :class:`ModelImportError` naming the entry: missing module or file, or the
-    exception the module raised.
+    exception the module raised (the names it registered before raising are removed again).
     """
     if entries is None:
         return []
@@ -90,7 +90,16 @@ def import_models(entries: str | Sequence[str] | None) -> list[str]:
     if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) and e.strip() for e in entries):
         raise ModelImportError(f"imports={entries!r} is not valid: give module names or .py files, "
                                "e.g. [mynet] or [models/mynet.py]")
-    return [_import_file(e.strip()) if e.strip().endswith(".py") else _import_module(e.strip()) for e in entries]
+    kept = []
+    for entry in (e.strip() for e in entries):
+        before = set(_MODELS)
+        try:
+            kept.append(_import_file(entry) if entry.endswith(".py") else _import_module(entry))
+        except ModelImportError:
+            for name in set(_MODELS) - before:  # a module that failed halfway registers nothing:
+                del _MODELS[name], _FIXED[name]  # importing it again (fixed) must not find its names taken
+            raise
+    return kept
 
 
 def _import_file(entry: str) -> str:
