@@ -15,7 +15,7 @@ import yaml
 
 import pnnh
 from pnnh.experiments.sweep import load_sweep
-from pnnh.experiments.tune import load_tune, recipe_params, retry_failed, tune
+from pnnh.experiments.tune import load_tune, recipe_params, retry_failed, sampler, tune
 from pnnh.train.config import ConfigError, load_config
 
 TUNE = {
@@ -165,3 +165,19 @@ def test_every_method_gets_the_same_trials_and_lr_warmup_space(path):
     assert trials == 8 and startup == 10 and space["lr"] == {"low": 0.003, "high": 0.5, "log": True}
     assert space["warmup_epochs"] == {"low": 0.0, "high": 1.5}
     assert base["val_size"] > 0 and pnnh.create_model(base["model"], in_chans=1, **base["model_kwargs"])
+
+
+def test_the_sampler_draws_at_random_for_startup_trials_then_follows_the_scores():
+    """startup_trials reaches TPE: the first draws ignore the scores, the later ones follow them."""
+    def draws(sign: float, startup: int, tried: int = 0) -> list[float]:
+        study = optuna.create_study(direction="maximize", sampler=sampler(0, startup, tried=tried))
+        study.optimize(lambda t: sign * t.suggest_float("x", 0.0, 1.0), n_trials=10)
+        return [t.params["x"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    up, down = draws(+1, startup=4), draws(-1, startup=4)
+    assert up[:4] == down[:4]  # random phase: the same seeded draws, whatever the scores
+    assert up[4:] != down[4:]  # then TPE: opposite scores, other proposals (with startup 10: the same),
+    assert sum(up[4:]) > sum(down[4:])  # each towards its better end
+    assert draws(+1, startup=10) == draws(-1, startup=10)  # all random while startup covers them
+    assert draws(+1, startup=4, tried=5)[:4] != up[:4]  # a resumed study's sampler draws anew

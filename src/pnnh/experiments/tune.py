@@ -173,6 +173,13 @@ def _study_lock(out: Path) -> Iterator[None]:
         yield
 
 
+def sampler(seed: int, startup: int, tried: int = 0) -> optuna.samplers.TPESampler:
+    """The study's sampler: ``startup`` seeded random draws, then TPE. ``tried``: the trials a resumed
+    study already holds; they shift the seed, since a sampler seeded as at the start would draw the
+    settings already tried again."""
+    return optuna.samplers.TPESampler(seed=seed + tried, n_startup_trials=startup)
+
+
 def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None, overrides: dict | None = None,
          seed: int = 0, progress: bool = True) -> optuna.Study:
     """Run (or continue) the study of ``config_path`` in ``out``; write the best config; return the study."""
@@ -183,12 +190,10 @@ def tune(config_path: str | Path, out: str | Path, *, trials: int | None = None,
     with _study_lock(out):
         study = optuna.create_study(
             study_name=STUDY, storage=f"sqlite:///{(out / 'study.db').resolve()}", load_if_exists=True,
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+            direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+        study.sampler = sampler(seed, startup, tried=len(study.trials))
         if not study.trials:  # a new study: its first trial is the method's own recipe
             study.enqueue_trial(recipe_params(base, space))
-        else:  # resumed: a sampler seeded as at the start would draw the settings already tried again
-            study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=startup)
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # we hold the lock, so no process is running it: a killed run.
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
