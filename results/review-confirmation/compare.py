@@ -3,12 +3,11 @@
 The review confirmation configs (configs/review-*-confirmation.yaml) hold the default pnnh and the
 usual resnet as reference variants; those cells are the confirmation study's (same recipe, seeds,
 data order and --compile: configs/pnnh-confirmation.yaml, results/confirmation/results.csv), so
-this session's runs held them back (their cell locks held with flock) and this script pairs the
-new variants with the recorded ones by seed, on test accuracy (the confirmation protocol has no
-validation split; it is the final comparison, the screening runs chose the variants).
+run.sh leaves them out (--only) and this script pairs the new variants with the recorded pnnh,
+resnet and plain cells by seed, on test accuracy (the confirmation protocol has no validation
+split; it is the final comparison, the screening runs chose the variants).
 
-    python results/review-confirmation/compare.py runs/review-resnet110-zero-init-confirmation \
-        runs/review-plain-forms-confirmation > results/review-confirmation/compare.md
+    python results/review-confirmation/compare.py runs/review-*-confirmation > results/review-confirmation/compare.md
 
 It also draws the new cells' test accuracy and training loss per epoch into curves.png here (the
 confirmation study's own curves: results/confirmation/learning_curves.png).
@@ -23,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIRMATION = HERE.parent / "confirmation" / "results.csv"
+REFERENCES = ("pnnh", "resnet", "plain")  # the confirmation study's variants each new cell is paired with
 
 
 def recorded() -> dict[tuple[str, int], dict[int, dict]]:
@@ -68,7 +68,7 @@ def main(sweeps: list[Path]) -> None:
         losses = " / ".join(f"{seeds[s]['loss']:.3f}" if s in seeds and "loss" in seeds[s] else "—" for s in range(3))
         done = [v["test"] for v in seeds.values() if v["test"] is not None]
         print(f"| {key[0]} | {key[1]} | {per} | {fmt(done)} | {losses} | runs/{next(iter(seeds.values()))['src']} |")
-    for key in sorted({(v, d) for v, d in old if v in ("pnnh", "resnet") and any(k[1] == d for k in new)},
+    for key in sorted({(v, d) for v, d in old if v in REFERENCES and any(k[1] == d for k in new)},
                       key=lambda k: (k[1], k[0])):
         seeds = old[key]
         per = " / ".join(f"{seeds[s]['test']:.2f}" for s in range(3))
@@ -78,7 +78,7 @@ def main(sweeps: list[Path]) -> None:
     print("Paired by seed (new variant minus the recorded one), mean [min, max] over the seeds both have:")
     print()
     for key in sorted(new, key=lambda k: (k[1], k[0])):
-        for ref in ("pnnh", "resnet"):
+        for ref in REFERENCES:
             if (ref, key[1]) not in old:
                 continue
             diffs = [new[key][s]["test"] - old[(ref, key[1])][s]["test"] for s in sorted(new[key])
