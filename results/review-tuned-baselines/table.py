@@ -22,6 +22,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sweep = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "runs" / "review-tuned-baselines-depths"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 cells = json.loads((sweep / "results.json").read_text())["cells"]
+
+
+def val_by_seed(model: str, depth: int) -> dict[int, float | None]:
+    """Validation % per seed of ``model``'s tuned cells at ``depth`` (None: diverged or failed)."""
+    return {c["seed"]: 100 * c["val_acc"] if c["status"] == "ok" and c["val_acc"] is not None else None
+            for c in cells if c["variant"] == f"{model}-tuned" and c["depth"] == depth}
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± sample std`` of the seeds that finished; one value alone; ``—`` for none."""
+    if len(values) > 1:
+        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return f"{values[0]:.2f}" if values else "—"
+
+
 print("| method (depth 56) | tuned setting | study: own recipe → best (val %, seed 0) | tuned, val % per seed | val mean ± std | test mean |")
 print("|---|---|---:|---:|---:|---:|")
 for method, model in METHODS.items():
@@ -35,20 +50,13 @@ for method, model in METHODS.items():
     best = study.best_trial
     setting = ", ".join(f"{k.replace('model_kwargs.', '')} {v:.3g}" if isinstance(v, float) else f"{k.replace('model_kwargs.', '')} {v}"
                         for k, v in best.params.items())
-    mine = sorted((c for c in cells if c["variant"] == f"{model}-tuned" and c["depth"] == 56), key=lambda c: c["seed"])
-    vals = [100 * c["val_acc"] if c["status"] == "ok" and c["val_acc"] is not None else None for c in mine]
+    vals = [v for _, v in sorted(val_by_seed(model, 56).items())]
     per_seed = " / ".join("diverged" if v is None else f"{v:.2f}" for v in vals)
-    ok = [v for v in vals if v is not None]
-    tests = [100 * c["test_acc"] for c in mine if c["status"] == "ok" and c["test_acc"] is not None]
-    mean = f"{statistics.fmean(ok):.2f} ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else (f"{ok[0]:.2f}" if ok else "—")
+    mean = mean_std([v for v in vals if v is not None])
+    tests = [100 * c["test_acc"] for c in cells if c["variant"] == f"{model}-tuned" and c["depth"] == 56
+             and c["status"] == "ok" and c["test_acc"] is not None]
     test = f"{statistics.fmean(tests):.2f}" if tests else "—"
     print(f"| {method} ({model}) | {setting} | {recipe} → {100 * best.value:.2f} | {per_seed} | {mean} | {test} |")
-
-
-def val_by_seed(model: str, depth: int) -> dict[int, float | None]:
-    """Validation % per seed of ``model``'s tuned cells at ``depth`` (None: diverged or failed)."""
-    return {c["seed"]: 100 * c["val_acc"] if c["status"] == "ok" and c["val_acc"] is not None else None
-            for c in cells if c["variant"] == f"{model}-tuned" and c["depth"] == depth}
 
 
 depths = sorted({c["depth"] for c in cells})
@@ -60,10 +68,8 @@ for method, model in METHODS.items():
     means, diffs = [], []
     for depth in depths:
         mine, ref = val_by_seed(model, depth), val_by_seed("pnnh", depth)
-        ok = [v for v in mine.values() if v is not None]
         lost = sum(v is None for v in mine.values())
-        text = (f"{statistics.fmean(ok):.2f} ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else
-                f"{ok[0]:.2f}" if ok else "—") + (f" ({lost} diverged)" if lost else "")
+        text = mean_std([v for v in mine.values() if v is not None]) + (f" ({lost} diverged)" if lost else "")
         means.append(text if mine else "not run")
         pairs = [mine[s] - ref[s] for s in mine if mine[s] is not None and ref.get(s) is not None]
         diffs.append("—" if model == "pnnh" or not pairs else
