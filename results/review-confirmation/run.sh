@@ -20,7 +20,8 @@ run() {
 run resnet110-zero-init resnet-zero-init        # objection 4:  3 cells x ~65 min (done, session 9)
 run plain-forms looks-linear-d56-s0,looks-linear-d56-s1,looks-linear-d56-s2  # objection 1 at 56 (done, session 10)
 run resnet110-zero-init-tuned resnet-zero-init-tuned  # objection 4 at its depth-110 lr: 3 cells x ~65 min
-run plain-forms looks-linear,code-bn             # objection 1: the other 9 cells x 55-120 min
+run plain-forms code-bn-d56-s0,code-bn-d56-s1,code-bn-d56-s2  # objection 1 at 56, BN on the code: 3 cells x ~55 min
+run plain-forms looks-linear,code-bn             # objection 1 at 110: the other 6 cells x ~120 min
 run trained-coder coder-lr1e-3,coder-lr1e-2,coder-lr1e-1   # objection 5: 9 cells x ~25 min
 run matched-params resnet-w11,resnet-w12,pnnh-w22,pnnh-w23 # objection 3: 12 cells x 20-40 min
 echo REVIEW_CONFIRMATION_DONE
