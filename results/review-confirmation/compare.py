@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CONFIRMATION = HERE.parent / "confirmation" / "results.csv"
 REFERENCES = ("pnnh", "resnet", "plain")  # the confirmation study's variants each new cell is paired with
+# new variants also paired with another new one at the same depth: what the change of setting did
+ALSO = {"resnet-zero-init-tuned": "resnet-zero-init", "code-bn": "looks-linear"}
 
 
 def recorded() -> dict[tuple[str, int], dict[int, dict]]:
@@ -78,11 +80,11 @@ def main(sweeps: list[Path]) -> None:
     print("Paired by seed (new variant minus the recorded one), mean [min, max] over the seeds both have:")
     print()
     for key in sorted(new, key=lambda k: (k[1], k[0])):
-        for ref in REFERENCES:
-            if (ref, key[1]) not in old:
-                continue
-            diffs = [new[key][s]["test"] - old[(ref, key[1])][s]["test"] for s in sorted(new[key])
-                     if new[key][s]["test"] is not None and s in old[(ref, key[1])]]
+        others = [(ref, old) for ref in REFERENCES] + ([(ALSO[key[0]], new)] if key[0] in ALSO else [])
+        for ref, rows in others:
+            theirs = rows.get((ref, key[1]), {})
+            diffs = [new[key][s]["test"] - theirs[s]["test"] for s in sorted(new[key])
+                     if new[key][s]["test"] is not None and theirs.get(s, {}).get("test") is not None]
             if diffs:
                 print(f"- {key[0]}-{key[1]} − {ref}-{key[1]}: {statistics.mean(diffs):+.2f} "
                       f"[{min(diffs):+.2f}, {max(diffs):+.2f}] over {len(diffs)} seed(s)")
