@@ -4,8 +4,9 @@ The review confirmation configs (configs/review-*-confirmation.yaml) hold the de
 usual resnet as reference variants; those cells are the confirmation study's (same recipe, seeds,
 data order and --compile: configs/pnnh-confirmation.yaml, results/confirmation/results.csv), so
 run.sh leaves them out (--only) and this script pairs the new variants with the recorded pnnh,
-resnet and plain cells by seed, on test accuracy (the confirmation protocol has no validation
-split; it is the final comparison, the screening runs chose the variants).
+resnet and plain cells by seed (and a few new variants with the new one they change: ALSO), on
+test accuracy (the confirmation protocol has no validation split; it is the final comparison, the
+screening runs chose the variants).
 
     python results/review-confirmation/compare.py runs/review-*-confirmation > results/review-confirmation/compare.md
 
@@ -77,7 +78,8 @@ def main(sweeps: list[Path]) -> None:
         print(f"| {key[0]} (recorded) | {key[1]} | {per} "
               f"| {fmt([seeds[s]['test'] for s in range(3)])} | in results/confirmation/README.md | results/confirmation |")
     print()
-    print("Paired by seed (new variant minus the recorded one), mean [min, max] over the seeds both have:")
+    print("Paired by seed (new variant minus the recorded one, or minus the new variant it changes), "
+          "mean [min, max] over the seeds both have:")
     print()
     for key in sorted(new, key=lambda k: (k[1], k[0])):
         others = [(ref, old) for ref in REFERENCES] + ([(ALSO[key[0]], new)] if key[0] in ALSO else [])
