@@ -94,17 +94,25 @@ def test_failed_and_diverged_cells_are_recorded_and_do_not_stop_the_sweep(tmp_pa
     assert "did not finish" in write_report(out).read_text()
 
 
-def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path):
+def test_sweep_refuses_a_directory_holding_another_sweep(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     spec = load_sweep(models=["plain"], depths=[8], seeds=1, train=TINY, model_kwargs={"width": 4})
-    run_sweep(spec, out, progress=False)
+    run_sweep(spec, out, progress=False, command="pnnh sweep first")
+    manifest = (out / "sweep.yaml").read_bytes()
     other = load_sweep(models=["plain"], depths=[8], seeds=1, train={**TINY, "epochs": 1}, model_kwargs={"width": 4})
     with pytest.raises(ConfigError, match="different sweep"):
-        run_sweep(other, out, progress=False)
+        run_sweep(other, out, progress=False, command="pnnh sweep other")
+    assert (out / "sweep.yaml").read_bytes() == manifest  # a refused sweep leaves no trace
     # How a cell runs is not part of the sweep: a process may join compiled or on another device.
-    assert main(["sweep", "--models", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
-                 "--batch-size", "64", "--precision", "fp32", "--set", "width=4", "--compile", "--device", "cpu",
-                 "--checkpoint-every", "5", "--out", str(out)]) == 0  # the recorded cell is reported, not retrained
+    argv = ["sweep", "--models", "plain", "--depths", "8", "--seeds", "1", "--data", "digits", "--epochs", "2",
+            "--batch-size", "64", "--precision", "fp32", "--set", "width=4", "--compile", "--device", "cpu",
+            "--checkpoint-every", "5", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["pnnh", *argv])
+    assert main(argv) == 0  # the recorded cell is reported, not retrained
+    run_sweep(spec, out, progress=False, command="pnnh sweep first")  # the first command again: nothing to add
+    saved = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert saved["command"] == "pnnh sweep first" and saved["also_run_as"] == ["pnnh " + " ".join(argv)]
+    assert f"`pnnh {' '.join(argv)}`" in write_report(out).read_text()  # the report names both ways it ran
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -162,6 +162,8 @@ def write_report(out: str | Path, reference: str | None = None) -> Path:
         "# pnnh sweep report", "",
         *([notes.read_text().strip(), ""] if notes.exists() else []),
         f"Command: `{manifest.get('command', '?')}`", "",
+        *([f"Also run as (execution settings may differ; each cell's config.yaml says how it ran): "
+           + "; ".join(f"`{c}`" for c in manifest["also_run_as"]), ""] if manifest.get("also_run_as") else []),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None), "",
         "Training recipe (shared by every cell): " + ", ".join(f"{k}={v}" for k, v in train.items()), "",
         "Accuracies are the last epoch's, in percent; test: mean ± sample std over seeds. Choose designs on "

@@ -415,7 +415,11 @@ def _recipe(train: dict | None) -> dict:
 
 
 def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
-    """``sweep.yaml``: the resolved sweep, the command and the versions (the report cites them)."""
+    """``sweep.yaml``: the resolved sweep, the command and the versions (the report cites them).
+
+    A later run of the same sweep with another command line (execution settings such as
+    ``--compile`` may differ) adds it to ``also_run_as``, so the report names every way its
+    cells were trained, not only the first."""
     manifest = {**spec.to_dict(), "command": command or " ".join(sys.argv), "versions": versions()}
     path = out / "sweep.yaml"
     if path.exists():
@@ -423,6 +427,10 @@ def _write_manifest(out: Path, spec: SweepSpec, command: str) -> None:
         if _saved_sweep(previous.get("sweep")) != manifest["sweep"] or _recipe(previous.get("train")) != _recipe(manifest["train"]):
             raise ConfigError(f"{out} holds a different sweep (see {path}); use another --out or the same settings "
                               f"(only {', '.join(sorted(EXECUTION_KEYS))} may differ)")
+        also = previous.get("also_run_as") or []
+        if manifest["command"] != previous.get("command") and manifest["command"] not in also:
+            atomic_write_text(path, yaml.safe_dump({**previous, "also_run_as": [*also, manifest["command"]]},
+                                                   sort_keys=False))
         return
     atomic_write_text(path, yaml.safe_dump(manifest, sort_keys=False))
 
