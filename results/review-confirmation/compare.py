@@ -4,7 +4,7 @@ The review confirmation configs (configs/review-*-confirmation.yaml) hold the de
 usual resnet as reference variants; those cells are the confirmation study's (same recipe, seeds,
 data order and --compile: configs/pnnh-confirmation.yaml, results/confirmation/results.csv), so
 run.sh leaves them out (--only) and this script pairs the new variants with the recorded pnnh,
-resnet and plain cells by seed (and a few new variants with the new one they change: ALSO), on
+resnet and plain cells by seed (and a few new variants with other new ones: ALSO), on
 test accuracy (the confirmation protocol has no validation split; it is the final comparison, the
 screening runs chose the variants).
 
@@ -24,8 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CONFIRMATION = HERE.parent / "confirmation" / "results.csv"
 REFERENCES = ("pnnh", "resnet", "plain")  # the confirmation study's variants each new cell is paired with
-# new variants also paired with another new one at the same depth: what the change of setting did
-ALSO = {"resnet-zero-init-tuned": "resnet-zero-init", "code-bn": "looks-linear"}
+# new variants also paired with other new ones at the same depth (where both exist): what the change
+# of setting did, and, for the strict plain forms, the strongest ResNet-110 (objection 4's zero-init)
+ALSO = {"resnet-zero-init-tuned": ("resnet-zero-init",), "code-bn": ("looks-linear", "resnet-zero-init"),
+        "looks-linear": ("resnet-zero-init",)}
 
 
 def recorded() -> dict[tuple[str, int], dict[int, dict]]:
@@ -78,11 +80,11 @@ def main(sweeps: list[Path]) -> None:
         print(f"| {key[0]} (recorded) | {key[1]} | {per} "
               f"| {fmt([seeds[s]['test'] for s in range(3)])} | in results/confirmation/README.md | results/confirmation |")
     print()
-    print("Paired by seed (new variant minus the recorded one, or minus the new variant it changes), "
+    print("Paired by seed (new variant minus the recorded one, or minus another new variant), "
           "mean [min, max] over the seeds both have:")
     print()
     for key in sorted(new, key=lambda k: (k[1], k[0])):
-        others = [(ref, old) for ref in REFERENCES] + ([(ALSO[key[0]], new)] if key[0] in ALSO else [])
+        others = [(ref, old) for ref in REFERENCES] + [(ref, new) for ref in ALSO.get(key[0], ())]
         for ref, rows in others:
             theirs = rows.get((ref, key[1]), {})
             diffs = [new[key][s]["test"] - theirs[s]["test"] for s in sorted(new[key])
